@@ -1,0 +1,86 @@
+"""Address-range dispatch of guest port I/O and MMIO to device register files.
+
+A device on a bus implements :class:`BusDevice`: ``read``/``write`` get the offset into the device's
+range and the access size (1, 2, 4 or 8 bytes).  Ranges are checked for overlap when added.  An access
+no device claims is counted and logged (rate-limited) and otherwise ignored: reads return all ones
+for PIO (as an empty ISA bus does) and zero for MMIO, writes are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int:
+        """Return the value of a ``size``-byte read at ``offset`` into the device's range."""
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Handle a ``size``-byte write of ``value`` at ``offset`` into the device's range."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    base: int
+    size: int
+    device: BusDevice
+    name: str
+
+
+class Bus:
+    """A set of non-overlapping ``[base, base+size)`` ranges, each served by one device."""
+
+    def __init__(self, name: str, *, unclaimed_read: int = 0) -> None:
+        self.name = name
+        self._bases: list[int] = []
+        self._ranges: list[_Range] = []
+        self._unclaimed_read = unclaimed_read
+        self.unclaimed = 0  # accesses no device claimed, for exit statistics
+
+    def add(self, base: int, size: int, device: BusDevice, name: str) -> None:
+        if size <= 0:
+            raise ValueError(f"{self.name}: empty range for {name}")
+        i = bisect.bisect_right(self._bases, base)
+        if i > 0 and self._ranges[i - 1].base + self._ranges[i - 1].size > base:
+            raise ValueError(f"{self.name}: {name} at {base:#x} overlaps {self._ranges[i - 1].name}")
+        if i < len(self._ranges) and base + size > self._ranges[i].base:
+            raise ValueError(f"{self.name}: {name} at {base:#x} overlaps {self._ranges[i].name}")
+        self._bases.insert(i, base)
+        self._ranges.insert(i, _Range(base, size, device, name))
+
+    def find(self, addr: int) -> tuple[BusDevice, int] | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.base + r.size:
+                return r.device, addr - r.base
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            self._note_unclaimed("read", addr, size)
+            return self._unclaimed_read & ((1 << (8 * size)) - 1)
+        device, offset = hit
+        return device.read(offset, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            self._note_unclaimed("write", addr, size, value)
+            return
+        device, offset = hit
+        device.write(offset, size, value)
+
+    def _note_unclaimed(self, kind: str, addr: int, size: int, value: int | None = None) -> None:
+        self.unclaimed += 1
+        # Rate limit: the first few, then every power of two, so a polling guest cannot flood the log.
+        n = self.unclaimed
+        if n <= 8 or n & (n - 1) == 0:
+            extra = "" if value is None else f" value={value:#x}"
+            log.debug("%s: unclaimed %s at %#x size=%d%s (%d so far)", self.name, kind, addr, size, extra, n)

@@ -1,0 +1,153 @@
+"""Guest physical memory: anonymous ``mmap`` regions at guest-physical addresses.
+
+Every device touches guest RAM only through :class:`GuestMemory`, which is passed in, so device code runs
+the same on a plain anonymous mapping in tests as on the mapping registered with KVM.
+
+All accessors check bounds: an access must lie entirely inside one region, otherwise
+:class:`~pyvmm.errors.GuestMemoryError` is raised.  Devices catch it and answer the guest with an error
+status; it never escapes into the VMM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from pyvmm.errors import GuestMemoryError
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One contiguous piece of guest RAM: ``size`` bytes at guest-physical ``gpa``."""
+
+    gpa: int
+    size: int
+    buf: mmap.mmap
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_addr(self) -> int:
+        """Host virtual address of the mapping (handed to KVM_SET_USER_MEMORY_REGION)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+
+
+class GuestMemory:
+    """Bounds-checked access to guest RAM made of one or more :class:`MemoryRegion`."""
+
+    def __init__(self, layout: list[tuple[int, int]]) -> None:
+        """Map anonymous memory for each ``(gpa, size)`` in ``layout`` (sizes page-aligned, no overlap)."""
+        regions: list[MemoryRegion] = []
+        for gpa, size in sorted(layout):
+            if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
+                raise GuestMemoryError(f"memory region {gpa:#x}+{size:#x} is not page-aligned")
+            if regions and gpa < regions[-1].end:
+                raise GuestMemoryError(f"memory region at {gpa:#x} overlaps the previous one")
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+            regions.append(MemoryRegion(gpa, size, buf))
+        self.regions: tuple[MemoryRegion, ...] = tuple(regions)
+        self._views = tuple(memoryview(r.buf) for r in regions)
+
+    @classmethod
+    def single(cls, size: int, gpa: int = 0) -> GuestMemory:
+        """One region: handy for tests and fake guests."""
+        return cls([(gpa, size)])
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        for r in self.regions:
+            r.buf.close()
+
+    # -- address translation ------------------------------------------------------------------------
+    def _locate(self, gpa: int, length: int) -> tuple[memoryview, int]:
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest access {gpa:#x}+{length:#x}")
+        for region, view in zip(self.regions, self._views, strict=True):
+            if region.gpa <= gpa < region.end or (length == 0 and gpa == region.end):
+                off = gpa - region.gpa
+                if off + length > region.size:
+                    break
+                return view, off
+        raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._locate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    # -- bulk access --------------------------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of guest RAM (no copy): for ``os.preadv`` / ``os.pwritev``."""
+        view, off = self._locate(gpa, length)
+        return view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        view, off = self._locate(gpa, length)
+        return bytes(view[off : off + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        view, off = self._locate(gpa, len(data))
+        view[off : off + len(data)] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        self.array(gpa, length)[:] = value
+
+    def array(self, gpa: int, length: int, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[np.generic]:
+        """A numpy view of ``length`` bytes at ``gpa`` (no copy)."""
+        view, off = self._locate(gpa, length)
+        return np.frombuffer(view, dtype=np.uint8, count=length, offset=off).view(dtype)
+
+    # -- scalar access (little-endian, as both our guest architectures are) -------------------------
+    def read_u16(self, gpa: int) -> int:
+        view, off = self._locate(gpa, 2)
+        return int(_U16.unpack_from(view, off)[0])
+
+    def read_u32(self, gpa: int) -> int:
+        view, off = self._locate(gpa, 4)
+        return int(_U32.unpack_from(view, off)[0])
+
+    def read_u64(self, gpa: int) -> int:
+        view, off = self._locate(gpa, 8)
+        return int(_U64.unpack_from(view, off)[0])
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        view, off = self._locate(gpa, 2)
+        _U16.pack_into(view, off, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        view, off = self._locate(gpa, 4)
+        _U32.pack_into(view, off, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        view, off = self._locate(gpa, 8)
+        _U64.pack_into(view, off, value & 0xFFFFFFFFFFFFFFFF)
+
+    def unpack_from(self, fmt: struct.Struct, gpa: int) -> tuple[int, ...]:
+        """``fmt.unpack_from`` at ``gpa`` with the bounds check: the fast path for ring structures."""
+        view, off = self._locate(gpa, fmt.size)
+        return fmt.unpack_from(view, off)
+
+    def pack_into(self, fmt: struct.Struct, gpa: int, *values: int) -> None:
+        view, off = self._locate(gpa, fmt.size)
+        fmt.pack_into(view, off, *values)
+
+
+_MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
