@@ -1,0 +1,164 @@
+"""``build_vm(config) -> Vmm``: the one flat, ordered script that puts a VM together.
+
+This is the only module that sees every layer.  Order matters and is commented where it does.
+Resources go into one ExitStack so a failure half-way releases what was made, in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from pyvmm.arch.x86_64 import hostkvm, layout, machine
+from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
+from pyvmm.arch.x86_64.cpu import get_supported_cpuid
+from pyvmm.bus import Bus
+from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
+from pyvmm.console import ConsoleOutput
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.rtc import CmosRtc
+from pyvmm.devices.serial import Serial16550
+from pyvmm.errors import ConfigError
+from pyvmm.eventloop import EventLoop
+from pyvmm.interrupt import EventFd, EventFdIrq
+from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.kvm.vm import VmFd
+from pyvmm.loader import load_kernel
+from pyvmm.loader.cmdline import Cmdline
+from pyvmm.loader.initrd import load_initrd
+from pyvmm.memory import GuestMemory
+from pyvmm.status import ExitStatus
+from pyvmm.vmm import Vmm
+
+# Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
+# reboot through the keyboard controller (the VMM sees it), no PCI bus to probe.
+PANIC_GRACE_S = 1.0
+DEFAULT_ARGS = (("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"))
+
+
+@dataclass
+class BuildReport:
+    """What the builder decided, for the user and for tests."""
+
+    kernel_format: str = ""
+    cmdline: str = ""
+    host: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _console_fd(config: VmConfig, stack: contextlib.ExitStack) -> int | None:
+    if config.console == CONSOLE_NONE:
+        return None
+    if config.console == CONSOLE_STDIO:
+        return sys.stdout.fileno()
+    path = config.console.removeprefix("file:")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ConfigError(f"cannot open console file {path}: {err.strerror}") from err
+    stack.callback(os.close, fd)
+    return fd
+
+
+def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, BuildReport]:
+    """Build (but do not start) the VM ``config`` describes.
+
+    ``console_fd`` overrides where guest console output goes (``None`` = nowhere); by default it
+    follows ``config.console``.
+    """
+    report = BuildReport()
+    stack = contextlib.ExitStack()
+    try:
+        vmm = _build(config, stack, report, console_fd)
+    except BaseException:
+        stack.close()
+        raise
+    return vmm, report
+
+
+def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
+    if config.cpus != 1:
+        raise ConfigError("--cpus > 1 needs the MP/ACPI tables of the SMP work, not built yet; use --cpus 1")
+    host = hostkvm.resolve(config.workarounds)
+    report.host = host.reason
+
+    # Guest RAM first, so it is released last (after the VM that maps it).
+    mem = GuestMemory(layout.ram_layout(config.memory))
+    stack.callback(mem.close)
+
+    kvm = Kvm()
+    stack.callback(kvm.close)
+    vm = VmFd(kvm.create_vm())
+    stack.callback(vm.close)
+    machine.check_caps(vm)
+    report.notes += machine.setup_platform(vm)  # irqchip before any irqfd or vCPU
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+
+    # The kernel, its initrd and the boot parameters.
+    kernel = load_kernel(mem, config.kernel, boot=config.boot)  # type: ignore[arg-type]
+    report.kernel_format = kernel.format
+    initrd = load_initrd(mem, config.initrd, kernel, [(r.gpa, r.size) for r in mem.regions]) if config.initrd else None
+    cmdline = Cmdline(min(layout.CMDLINE_MAX - 1, kernel.cmdline_size))
+    cmdline.extend(config.cmdline)
+    for key, value in DEFAULT_ARGS:
+        cmdline.add(key, value, if_absent=True)
+    for arg in host.workaround_args:
+        key, _, value = arg.partition("=")
+        cmdline.add(key, value or None, if_absent=True)
+    report.cmdline = str(cmdline)
+    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]))
+    machine.write_boot_tables(mem)
+
+    # Devices.  The event loop exists first: devices hand it their eventfds.
+    loop = EventLoop()
+    stack.callback(loop.close)
+    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
+    mmio = Bus("mmio")
+    vmm_ref: list[Vmm] = []
+
+    def stop(status: ExitStatus, reason: str) -> None:
+        if vmm_ref:
+            vmm_ref[0].request_stop(status, reason)
+
+    fd = _console_fd(config, stack) if console_fd == -1 else console_fd
+    def on_panic(line: str) -> None:
+        # Let the rest of the panic report reach the console, then stop.
+        t = threading.Timer(PANIC_GRACE_S, stop, (ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
+        t.daemon = True
+        t.start()
+
+    console = ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
+    serial_irq = _irqfd(vm, stack, layout.COM1_IRQ)
+    serial = Serial16550(serial_irq, console)
+    pio.add(layout.COM1_PORT, 8, serial, "com1")
+    pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
+    pio.add(0x70, 2, CmosRtc(), "rtc")
+
+    # vCPUs last: they need the memory, the irqchip and the boot state.
+    supported = get_supported_cpuid(kvm.fd)
+    mmap_size = kvm.vcpu_mmap_size()
+    vcpus = []
+    for index in range(config.cpus):
+        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
+        stack.callback(vcpu.close)
+        machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
+        vcpus.append(vcpu)
+
+    arch = machine.X86ExitHandler(mem, assist=host.software)
+    vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout)
+    vmm.serial = serial  # type: ignore[attr-defined]
+    vmm.mem = mem  # type: ignore[attr-defined]
+    vmm_ref.append(vmm)
+    return vmm
+
+
+def _irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int) -> EventFdIrq:
+    efd = EventFd()
+    stack.callback(efd.close)
+    vm.irqfd(efd.fd, gsi)
+    return EventFdIrq(efd, gsi)

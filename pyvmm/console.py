@@ -1,0 +1,126 @@
+"""The host end of the serial console: where guest output goes, where input comes from.
+
+Output goes to a file descriptor (stdout, or a file for ``--console file:PATH``) and through a line
+watcher that keeps the last lines (for error reports) and spots a kernel panic.  Input comes from
+stdin: in raw mode when it is a terminal (restored on every exit path), with the escape sequence
+Ctrl-A x to stop the VM and Ctrl-A Ctrl-A to send a literal Ctrl-A; as plain bytes from a pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import termios
+import threading
+import tty
+from collections import deque
+from collections.abc import Callable
+
+ESCAPE = 0x01  # Ctrl-A
+ESCAPE_QUIT = ord("x")
+PANIC_MARKER = b"Kernel panic - not syncing"
+
+
+class ConsoleOutput:
+    """A byte sink for the UART that also watches lines."""
+
+    def __init__(self, fd: int | None, *, on_panic: Callable[[str], None] | None = None,
+                 on_line: Callable[[bytes], None] | None = None, keep_lines: int = 200) -> None:
+        self._fd = fd
+        self._line = bytearray()
+        self.tail: deque[bytes] = deque(maxlen=keep_lines)
+        self._on_panic = on_panic
+        self._on_line = on_line
+        self._lock = threading.Lock()
+        self.bytes_out = 0
+
+    def __call__(self, data: bytes) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, data)
+        self.bytes_out += len(data)
+        with self._lock:
+            for b in data:
+                if b == 0x0A:
+                    self._finish_line()
+                elif b != 0x0D:
+                    self._line.append(b)
+                    if len(self._line) > 4096:
+                        self._finish_line()
+
+    def _finish_line(self) -> None:
+        line = bytes(self._line)
+        self._line.clear()
+        self.tail.append(line)
+        if self._on_line is not None:
+            self._on_line(line)
+        if self._on_panic is not None and PANIC_MARKER in line:
+            self._on_panic(line.decode(errors="replace").strip())
+
+    def tail_text(self, n: int = 20) -> str:
+        with self._lock:
+            lines = list(self.tail)[-n:]
+            if self._line:
+                lines.append(bytes(self._line))
+        return "\n".join(x.decode(errors="replace") for x in lines)
+
+
+class ConsoleInput:
+    """Reads stdin for the guest; handles the escape sequence on a terminal."""
+
+    def __init__(self, fd: int, on_escape_quit: Callable[[], None]) -> None:
+        self.fd = fd
+        self.is_tty = os.isatty(fd)
+        self._saved: list[int | list[bytes | int]] | None = None
+        self._on_quit = on_escape_quit
+        self._escaped = False
+        self.eof = False
+
+    def __enter__(self) -> ConsoleInput:
+        if self.is_tty:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        os.set_blocking(self.fd, False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.fd, True)
+
+    def read(self) -> bytes:
+        """Read what is available; return the bytes meant for the guest."""
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            data = b""
+        if not data:
+            self.eof = True
+            return b""
+        if not self.is_tty:
+            return data
+        out = bytearray()
+        for b in data:
+            if self._escaped:
+                self._escaped = False
+                if b == ESCAPE_QUIT:
+                    self._on_quit()
+                    continue
+                if b == ESCAPE:
+                    out.append(b)
+                    continue
+                out.append(ESCAPE)
+                out.append(b)
+            elif b == ESCAPE:
+                self._escaped = True
+            else:
+                out.append(b)
+        return bytes(out)

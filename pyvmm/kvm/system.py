@@ -1,0 +1,63 @@
+"""``/dev/kvm``: the system fd (API version, capabilities, VM creation)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from pyvmm.errors import KvmError
+from pyvmm.kvm import abi
+from pyvmm.kvm.ioctl import ioctl
+
+KVM_DEVICE = "/dev/kvm"
+
+
+def _open_hint(path: str, err: OSError) -> str:
+    if err.errno == errno.ENOENT:
+        return (
+            f"{path} does not exist: this machine offers no KVM (enable virtualization in the firmware, "
+            "load the kvm_intel/kvm_amd module, or run nested inside a VM that exposes VT-x/AMD-V)"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to open {path}: add yourself to the 'kvm' group (then log in again) or run as root"
+    return f"cannot open {path}: {err.strerror}"
+
+
+class Kvm:
+    """The KVM system fd."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise KvmError(_open_hint(path, err)) from err
+        try:
+            version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
+        except OSError as err:
+            os.close(self.fd)
+            raise KvmError(f"KVM_GET_API_VERSION on {path} failed: {err.strerror}") from err
+        if version != abi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmError(f"{path} speaks KVM API {version}, pyvmm needs {abi.KVM_API_VERSION}")
+        self.path = path
+
+    def check_extension(self, cap: int) -> int:
+        try:
+            return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
+        except OSError:
+            return 0
+
+    def vcpu_mmap_size(self) -> int:
+        return ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def create_vm(self) -> int:
+        """Return a new VM fd (wrap it in :class:`pyvmm.kvm.vm.VmFd`)."""
+        try:
+            return ioctl(self.fd, abi.KVM_CREATE_VM, 0)
+        except OSError as err:
+            raise KvmError(f"KVM_CREATE_VM failed: {err.strerror}") from err
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

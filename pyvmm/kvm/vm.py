@@ -1,0 +1,86 @@
+"""The VM fd: memory slots, irqchip, irqfd, ioeventfd, vCPU creation.  Verbs are named after the
+ioctls they issue; every failure becomes a :class:`KvmError` that names the call and its arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from pyvmm.errors import KvmError
+from pyvmm.kvm import abi
+from pyvmm.kvm.ioctl import ioctl
+
+
+class VmFd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def _call(self, what: str, request: int, arg: object = None) -> int:
+        try:
+            return ioctl(self.fd, request, arg)
+        except OSError as err:
+            raise KvmError(f"{what} failed: {err.strerror} (errno {err.errno})") from err
+
+    def check_extension(self, cap: int) -> int:
+        try:
+            return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
+        except OSError:
+            return 0
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = abi.kvm_userspace_memory_region(
+            slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=host_addr
+        )
+        # lifetime: the kernel keeps host_addr (not the struct); the caller keeps the mapping alive
+        # until this VM fd is closed.
+        self._call(f"KVM_SET_USER_MEMORY_REGION slot={slot} gpa={gpa:#x} size={size:#x}",
+                   abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def create_irqchip(self) -> None:
+        self._call("KVM_CREATE_IRQCHIP", abi.KVM_CREATE_IRQCHIP)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        self._call(f"KVM_IRQ_LINE irq={irq}", abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq=irq, level=level))
+
+    def irqfd(self, eventfd: int, gsi: int, *, deassign: bool = False) -> None:
+        arg = abi.kvm_irqfd(fd=eventfd, gsi=gsi, flags=abi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
+        self._call(f"KVM_IRQFD gsi={gsi}", abi.KVM_IRQFD, arg)
+
+    def ioeventfd(
+        self,
+        eventfd: int,
+        addr: int,
+        length: int,
+        *,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        flags = 0
+        if datamatch is not None:
+            flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= abi.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags)
+        self._call(f"KVM_IOEVENTFD addr={addr:#x} len={length}", abi.KVM_IOEVENTFD, arg)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        arg = abi.kvm_enable_cap(cap=cap)
+        for i, a in enumerate(args):
+            arg.args[i] = a
+        self._call(f"KVM_ENABLE_CAP cap={cap}", abi.KVM_ENABLE_CAP, arg)
+
+    def create_vcpu(self, index: int) -> int:
+        return self._call(f"KVM_CREATE_VCPU {index}", abi.KVM_CREATE_VCPU, index)
+
+    def ioctl(self, what: str, request: int, arg: ctypes.Structure | int | None = None) -> int:
+        """Escape hatch for arch-specific VM ioctls (``arch/`` uses it)."""
+        return self._call(what, request, arg)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

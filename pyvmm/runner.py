@@ -1,0 +1,78 @@
+"""Run one VM from a :class:`VmConfig` in the foreground: the CLI's ``pyvmm run``.
+
+Builds the VM, wires stdin to the UART when the console is stdio, prints what pyvmm decided (kernel
+format, host workarounds, the final command line) and, at the end, how the guest ended.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from pyvmm.builder import build_vm
+from pyvmm.config import CONSOLE_STDIO, VmConfig
+from pyvmm.console import ConsoleInput
+from pyvmm.status import ExitStatus
+from pyvmm.vmm import Vmm, VmResult, print_err
+
+INPUT_RETRY_S = 0.02
+
+
+def _attach_stdin(vmm: Vmm) -> ConsoleInput | None:
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError):
+        return None
+    serial = vmm.serial  # type: ignore[attr-defined]
+    pending = bytearray()
+    console_in = ConsoleInput(fd, lambda: vmm.request_stop(ExitStatus.STOPPED, "stopped by the console escape"))
+
+    def push() -> None:
+        if pending:
+            n = serial.feed(bytes(pending))
+            del pending[:n]
+            if pending:  # the guest's FIFO is full: try again shortly
+                vmm.loop.call_at(time.monotonic() + INPUT_RETRY_S, push)
+
+    def on_input() -> None:
+        pending.extend(console_in.read())
+        if console_in.eof:
+            vmm.loop.remove(fd)
+        push()
+
+    try:
+        console_in.__enter__()
+        vmm.loop.add(fd, on_input)
+    except (OSError, PermissionError):  # e.g. /dev/null or a closed stdin cannot be polled
+        console_in.restore()
+        return None
+    return console_in
+
+
+def run_vm(config: VmConfig, *, quiet: bool = False) -> ExitStatus:
+    t0 = time.monotonic()
+    vmm, report = build_vm(config)
+    if not quiet:
+        print_err(f"kernel {config.kernel} ({report.kernel_format}), {config.memory >> 20} MiB, "
+                  f"{config.cpus} vCPU(s); {report.host}")
+        for note in report.notes:
+            print_err(note)
+        print_err(f"command line: {report.cmdline}")
+        print_err(f"VM built in {time.monotonic() - t0:.2f} s; console: {config.console}"
+                  + (" (Ctrl-A x quits)" if config.console == CONSOLE_STDIO and sys.stdin.isatty() else ""))
+    console_in = _attach_stdin(vmm) if config.console == CONSOLE_STDIO else None
+    try:
+        result = vmm.run()
+    finally:
+        if console_in is not None:
+            console_in.restore()
+    report_result(result, quiet=quiet)
+    return result.status
+
+
+def report_result(result: VmResult, *, quiet: bool = False) -> None:
+    if result.status != ExitStatus.OK or not quiet:
+        exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items()))
+        print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {int(result.status)}); exits: {exits}")
+        for line in result.details:
+            print_err(line)

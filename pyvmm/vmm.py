@@ -1,0 +1,238 @@
+"""The running VM: vCPU threads, the event loop, and the one way to stop.
+
+Each vCPU thread loops on ``KVM_RUN`` and dispatches PIO/MMIO exits through the buses on its own
+thread.  The event loop (the caller's thread) serves ioeventfds, console input and timers.  Every way a
+VM ends — guest power-off or reset, a panic on the console, an unhandled exit, a signal, the timeout —
+goes through :meth:`Vmm.request_stop`: the first reason wins, the loop wakes, each vCPU gets
+``immediate_exit`` and a signal so ``KVM_RUN`` returns ``EINTR``, and resources are released in
+reverse order of creation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyvmm.bus import Bus
+from pyvmm.console import ConsoleOutput
+from pyvmm.eventloop import EventLoop
+from pyvmm.kvm import abi
+from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.status import ExitStatus
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+@dataclass
+class VmResult:
+    status: ExitStatus
+    reason: str
+    elapsed: float = 0.0
+    exits: Counter[str] = field(default_factory=Counter)
+    details: list[str] = field(default_factory=list)
+
+
+class ArchExitHandler:
+    """What an architecture adds to the generic vCPU loop (x86: the emulation assist)."""
+
+    def internal_error(self, vcpu: VcpuFd) -> tuple[ExitStatus, str] | None:
+        """Handle ``KVM_EXIT_INTERNAL_ERROR``; return None to re-enter, or a stop reason."""
+        st = vcpu.run_state.exit.internal
+        return ExitStatus.VMM_ERROR, f"KVM internal error, suberror {st.suberror}"
+
+    def summary(self) -> list[str]:
+        return []
+
+
+class Vmm:
+    def __init__(
+        self,
+        vcpus: list[VcpuFd],
+        pio: Bus,
+        mmio: Bus,
+        loop: EventLoop,
+        console: ConsoleOutput,
+        arch: ArchExitHandler,
+        cleanup: contextlib.ExitStack,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self.vcpus = vcpus
+        self.pio = pio
+        self.mmio = mmio
+        self.loop = loop
+        self.console = console
+        self.arch = arch
+        self._cleanup = cleanup
+        self.timeout = timeout
+        self._result: VmResult | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.exits: Counter[str] = Counter()
+        self.started_at = 0.0
+        self.first_run_at = 0.0
+        self.on_stop: list[Callable[[], None]] = []
+
+    # -- stopping --------------------------------------------------------------------------------------
+    def request_stop(self, status: ExitStatus, reason: str) -> None:
+        """Thread-safe; the first call decides the result."""
+        with self._lock:
+            if self._result is not None:
+                return
+            self._result = VmResult(status, reason)
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        self._signal_vcpus()
+        self.loop.stop()
+
+    def _signal_vcpus(self) -> None:
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return  # no handler installed: a signal would kill the process; immediate_exit must do
+        for t in self._threads:
+            if t.is_alive() and t.ident is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+
+    @property
+    def stopping(self) -> bool:
+        return self._result is not None
+
+    # -- running ---------------------------------------------------------------------------------------
+    def run(self) -> VmResult:
+        """Run until the VM ends; always releases every resource.  Call from the main thread to get
+        clean signal handling (elsewhere the vCPU kick relies on ``immediate_exit`` alone)."""
+        self.started_at = time.monotonic()
+        in_main = threading.current_thread() is threading.main_thread()
+        old_handlers: dict[int, object] = {}
+        try:
+            if in_main:
+                old_handlers[KICK_SIGNAL] = signal.signal(KICK_SIGNAL, lambda *_: None)
+                for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")):
+                    old_handlers[sig] = signal.signal(
+                        sig, lambda *_, n=name: self.request_stop(ExitStatus.STOPPED, f"stopped by {n}")
+                    )
+            if self.timeout is not None:
+                self.loop.call_at(self.started_at + self.timeout, lambda: self.request_stop(
+                    ExitStatus.TIMEOUT, f"--timeout of {self.timeout:g} s expired"))
+            self.first_run_at = time.monotonic()
+            for vcpu in self.vcpus:
+                t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            try:
+                self.loop.run()
+            except BaseException as err:  # a bug in a loop handler must still stop the vCPUs
+                self.request_stop(ExitStatus.VMM_ERROR, f"event loop failed: {err!r}")
+                raise
+            finally:
+                self._stop_threads()
+                for fn in self.on_stop:
+                    try:
+                        fn()
+                    except Exception as err:  # keep stopping; report
+                        log.error("stop hook failed: %s", err)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+            self._cleanup.close()
+        assert self._result is not None
+        self._result.elapsed = time.monotonic() - self.started_at
+        self._result.exits = self.exits
+        self._result.details = self.arch.summary()
+        return self._result
+
+    def _stop_threads(self) -> None:
+        if self._result is None:
+            self.request_stop(ExitStatus.VMM_ERROR, "event loop ended without a stop reason")
+        deadline = time.monotonic() + 5.0
+        for t in self._threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                self._signal_vcpus()
+                t.join(0.05)
+            if t.is_alive():
+                log.error("%s did not leave KVM_RUN", t.name)
+
+    # -- the vCPU loop -------------------------------------------------------------------------------
+    def _vcpu_thread(self, vcpu: VcpuFd) -> None:
+        try:
+            self._vcpu_loop(vcpu)
+        except BaseException as err:
+            log.debug("vCPU %d failed", vcpu.index, exc_info=True)
+            self.request_stop(ExitStatus.VMM_ERROR, f"vCPU {vcpu.index}: {type(err).__name__}: {err}")
+
+    def _vcpu_loop(self, vcpu: VcpuFd) -> None:
+        run = vcpu.run_state
+        view = vcpu.run_view
+        exits = self.exits
+        pio, mmio = self.pio, self.mmio
+        while not self.stopping:
+            reason = vcpu.run()
+            if reason == abi.KVM_EXIT_IO:
+                io = run.exit.io
+                size, port, count, off = io.size, io.port, io.count, io.data_offset
+                if io.direction == abi.KVM_EXIT_IO_OUT:
+                    for i in range(count):
+                        o = off + i * size
+                        pio.write(port, size, int.from_bytes(view[o : o + size], "little"))
+                else:
+                    for i in range(count):
+                        o = off + i * size
+                        view[o : o + size] = pio.read(port, size).to_bytes(size, "little")
+                exits["io"] += 1
+            elif reason == abi.KVM_EXIT_MMIO:
+                m = run.exit.mmio
+                length = m.len
+                if m.is_write:
+                    mmio.write(m.phys_addr, length, int.from_bytes(bytes(m.data)[:length], "little"))
+                else:
+                    value = mmio.read(m.phys_addr, length)
+                    ctypes_data = value.to_bytes(length, "little")
+                    for i in range(length):
+                        m.data[i] = ctypes_data[i]
+                exits["mmio"] += 1
+            elif reason == abi.KVM_EXIT_INTR:
+                run.immediate_exit = 0 if not self.stopping else 1
+                exits["intr"] += 1
+            elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+                exits["internal_error"] += 1
+                stop = self.arch.internal_error(vcpu)
+                if stop is not None:
+                    self.request_stop(*stop)
+            elif reason == abi.KVM_EXIT_SHUTDOWN:
+                exits["shutdown"] += 1
+                self.request_stop(ExitStatus.OK, "guest reset (triple fault)")
+            elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
+                ev = run.exit.system_event.type
+                if ev == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+                    self.request_stop(ExitStatus.OK, "guest powered off")
+                elif ev == abi.KVM_SYSTEM_EVENT_RESET:
+                    self.request_stop(ExitStatus.OK, "guest rebooted")
+                else:
+                    self.request_stop(ExitStatus.GUEST_PANIC, f"guest system event {ev} (crash)")
+            elif reason == abi.KVM_EXIT_HLT:
+                exits["hlt"] += 1
+                self.request_stop(ExitStatus.OK, "guest halted")
+            elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+                fe = run.exit.fail_entry
+                self.request_stop(ExitStatus.VMM_ERROR,
+                                  f"KVM_EXIT_FAIL_ENTRY: hardware reason {fe.hardware_entry_failure_reason:#x}")
+            else:
+                name = abi.EXIT_NAMES.get(reason, str(reason))
+                self.request_stop(ExitStatus.VMM_ERROR, f"unexpected exit {name} on vCPU {vcpu.index}")
+
+
+def print_err(msg: str) -> None:
+    """One line on stderr, prefixed, even when stdout is the guest console in raw mode."""
+    with contextlib.suppress(OSError):
+        os.write(sys.stderr.fileno(), f"pyvmm: {msg}\r\n".encode() if os.isatty(sys.stderr.fileno())
+                 else f"pyvmm: {msg}\n".encode())
