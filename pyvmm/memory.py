@@ -72,7 +72,12 @@ class GuestMemory:
         for v in self._views:
             v.release()
         for r in self.regions:
-            r.buf.close()
+            try:
+                r.buf.close()
+            except BufferError:
+                # A view (numpy array, memoryview slice) is still alive somewhere: the mapping goes
+                # when the last one does.
+                pass
 
     # -- address translation ------------------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[memoryview, int]:

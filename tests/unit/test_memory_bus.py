@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from pyvmm.arch.x86_64 import layout
+from pyvmm.bus import Bus
+from pyvmm.errors import GuestMemoryError
+from pyvmm.memory import GuestMemory
+
+
+def test_layout_splits_around_the_hole() -> None:
+    assert layout.ram_layout(512 << 20) == [(0, 512 << 20)]
+    big = layout.ram_layout(5 << 30)
+    assert big == [(0, layout.MMIO_HOLE_START), (1 << 32, (5 << 30) - layout.MMIO_HOLE_START)]
+
+
+def test_guest_memory_bounds_and_regions() -> None:
+    mem = GuestMemory([(0, 0x10000), (0x100000, 0x10000)])
+    mem.write(0xFFF0, b"x" * 16)
+    with pytest.raises(GuestMemoryError):
+        mem.write(0xFFF8, b"y" * 16)  # runs off the end of region 0
+    with pytest.raises(GuestMemoryError):
+        mem.read(0x20000, 1)  # the gap
+    mem.write_u64(0x100000, 0x1122334455667788)
+    assert mem.read_u32(0x100004) == 0x11223344
+    assert mem.read_u16(0x100000) == 0x7788
+    v = mem.view(0x100000, 8)
+    v[0] = 0xAA
+    assert mem.read(0x100000, 1) == b"\xaa"
+    arr = mem.array(0x100000, 16, np.uint64)
+    assert arr.shape == (2,)
+    fmt = struct.Struct("<HH")
+    mem.pack_into(fmt, 0x100010, 1, 2)
+    assert mem.unpack_from(fmt, 0x100010) == (1, 2)
+    assert mem.contains(0x10000 - 1, 1) and not mem.contains(0x10000 - 1, 2)
+    mem.close()
+
+
+def test_guest_memory_rejects_bad_layouts() -> None:
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([(0, 0x1001)])
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([(0, 0x2000), (0x1000, 0x1000)])
+
+
+class Reg:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.log.append(("r", offset, size, 0))
+        return 0x12
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(("w", offset, size, value))
+
+
+def test_bus_dispatch_overlap_and_unclaimed() -> None:
+    bus = Bus("pio", unclaimed_read=0xFFFFFFFF)
+    a, b = Reg(), Reg()
+    bus.add(0x3F8, 8, a, "com1")
+    bus.add(0x60, 5, b, "kbd")
+    with pytest.raises(ValueError, match="overlaps"):
+        bus.add(0x3FC, 8, Reg(), "bad")
+    with pytest.raises(ValueError, match="overlaps"):
+        bus.add(0x3F0, 9, Reg(), "bad")
+    assert bus.read(0x3FD, 1) == 0x12
+    bus.write(0x64, 1, 0xFE)
+    assert a.log == [("r", 5, 1, 0)] and b.log == [("w", 4, 1, 0xFE)]
+    assert bus.read(0x1234, 2) == 0xFFFF
+    bus.write(0x1234, 1, 1)
+    assert bus.unclaimed == 2
