@@ -10,6 +10,8 @@ from pyvmm.kvm import abi
 from pyvmm.kvm.ioctl import ioctl
 
 KVM_DEVICE = "/dev/kvm"
+# Tests (and unusual hosts) may point pyvmm at another device node.
+KVM_DEVICE_ENV = "PYVMM_KVM_DEVICE"
 
 
 def _open_hint(path: str, err: OSError) -> str:
@@ -26,7 +28,8 @@ def _open_hint(path: str, err: OSError) -> str:
 class Kvm:
     """The KVM system fd."""
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or os.environ.get(KVM_DEVICE_ENV) or KVM_DEVICE
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:

@@ -1,0 +1,39 @@
+"""Shared fixtures: what a test needs from the machine, with a skip reason when it is missing."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "images" / "out"
+
+
+def kvm_unavailable_reason() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return "/dev/kvm does not exist on this machine"
+        return f"/dev/kvm cannot be opened: {err.strerror}"
+    os.close(fd)
+    return None
+
+
+@pytest.fixture(scope="session")
+def kvm() -> None:
+    reason = kvm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def images() -> Path:
+    """The built default guest (``make images``)."""
+    missing = [n for n in ("vmlinux", "bzImage", "initrd.cpio.gz", "rootfs.ext4") if not (IMAGES / n).is_file()]
+    if missing:
+        pytest.skip(f"images/out lacks {', '.join(missing)}: run `make images`")
+    return IMAGES

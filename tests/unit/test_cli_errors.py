@@ -1,0 +1,98 @@
+"""Host-side mistakes: one line on stderr, exit status 2, no traceback (and nothing runs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def _pyvmm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=60,
+                          env=env, check=False)
+
+
+def _elf_for(machine: int) -> bytes:
+    """A 64-bit little-endian ELF header (Elf64_Ehdr) for ``machine``, no segments."""
+    import struct
+
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    return ident + struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, 0x1000000, 64, 0, 0, 64, 56, 0, 64, 0, 0)
+
+
+def _write(tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+def _bzimage_header(version: int, payload: bytes = b"", xlf64: bool = True) -> bytes:
+    img = bytearray(0x1000)
+    img[0x1F1] = 1  # setup_sects
+    img[0x1FE:0x200] = b"\x55\xaa"
+    img[0x202:0x206] = b"HdrS"
+    img[0x206:0x208] = version.to_bytes(2, "little")
+    img[0x236:0x238] = (1 if xlf64 else 0).to_bytes(2, "little")
+    return bytes(img) + payload
+
+
+CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("missing kernel", lambda t: ["--kernel", str(t / "nope")], "no such file"),
+    ("kernel is a directory", lambda t: ["--kernel", str(t)], "directory"),
+    ("empty kernel", lambda t: ["--kernel", str(_write(t, "k", b""))], "empty"),
+    ("not a kernel", lambda t: ["--kernel", str(_write(t, "k", b"hello world" * 100))], "not a Linux kernel"),
+    ("arm64 ELF", lambda t: ["--kernel", str(_write(t, "k", _elf_for(183)))], "AArch64|aarch64|ARM"),
+    ("truncated ELF", lambda t: ["--kernel", str(_write(t, "k", b"\x7fELF\x02\x01\x01"))], "ELF|truncated"),
+    ("old boot protocol", lambda t: ["--kernel", str(_write(t, "k", _bzimage_header(0x0200)))], "protocol"),
+    ("bad memory size", lambda t: ["--kernel", str(t / "k"), "--memory", "lots"], "bad size"),
+    ("zero memory", lambda t: ["--kernel", str(t / "k"), "--memory", "0"], "too small"),
+    ("absurd memory", lambda t: ["--kernel", str(t / "k"), "--memory", "9999G"], "absurd"),
+    ("bad disk spec", lambda t: ["--kernel", str(t / "k"), "--disk", "path=x,color=red"], "unknown --disk"),
+    ("bad console", lambda t: ["--kernel", str(t / "k"), "--console", "tcp:1234"], "bad console"),
+]
+
+
+@pytest.mark.parametrize(("name", "make_args", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_status_2(tmp_path: Path, name: str, make_args: Callable[[Path], list[str]],
+                                            message: str) -> None:
+    proc = _pyvmm("run", *make_args(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_missing_kvm_device_from_the_cli(tmp_path: Path) -> None:
+    kernel = _write(tmp_path, "vmlinux", _elf_for(62))
+    env = dict(os.environ, PYVMM_KVM_DEVICE=str(tmp_path / "kvm"))
+    proc = _pyvmm("run", "--kernel", str(kernel), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+
+
+def test_no_permission_on_kvm_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root bypasses file permissions, so EACCES is injected where the device is opened."""
+    import errno
+
+    from pyvmm.errors import KvmError
+    from pyvmm.kvm import system
+
+    def deny(path: str, flags: int) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(system.os, "open", deny)
+    with pytest.raises(KvmError, match="no permission to open /dev/kvm: add yourself to the 'kvm' group"):
+        system.Kvm()
+
+
+def test_help_documents_exit_statuses() -> None:
+    proc = _pyvmm("run", "--help")
+    assert proc.returncode == 0
+    for text in ("exit status:", "panicked", "--timeout", "Ctrl-A x"):
+        assert text in proc.stdout
