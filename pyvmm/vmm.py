@@ -142,8 +142,8 @@ class Vmm:
                     except Exception as err:  # keep stopping; report
                         log.error("stop hook failed: %s", err)
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)  # type: ignore[arg-type]
             self._cleanup.close()
         assert self._result is not None
         self._result.elapsed = time.monotonic() - self.started_at

@@ -142,6 +142,12 @@ class kvm_msrs_header(AbiStruct):
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
+@checked(4)
+class kvm_msr_list_header(AbiStruct):  # struct kvm_msr_list (KVM_GET_MSR_INDEX_LIST): u32 indices[] follow
+    __slots__ = ()
+    _fields_ = [("nmsrs", u32)]
+
+
 @functools.cache
 def kvm_msrs(n: int) -> type[AbiStruct]:
     """struct kvm_msrs with a flexible array of ``n`` entries."""
@@ -213,6 +219,16 @@ KVM_VCPUEVENT_VALID_SMM = 0x8
 KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
 
 
+@checked(4096)
+class kvm_xsave(AbiStruct):
+    """The XSAVE image in standard format (SDM vol. 1, 13.4): the FXSAVE legacy area (MXCSR at byte
+    24), the XSAVE header (XSTATE_BV at byte 512), then the extended components.  Unlike kvm_fpu,
+    this is how KVM exposes MXCSR: KVM_GET_FPU/KVM_SET_FPU ignore kvm_fpu.mxcsr."""
+
+    __slots__ = ()
+    _fields_ = [("region", u32 * 1024)]  # the header's flexible extra[] is for KVM_GET_XSAVE2 only
+
+
 @checked(24)
 class kvm_translation(AbiStruct):
     __slots__ = ()
@@ -234,7 +250,7 @@ class kvm_mp_state(AbiStruct):
 
 _ = s32  # re-exported type alias used by callers building flexible arrays
 
-KVM_GET_MSR_INDEX_LIST = iowr(KVMIO, 0x02, kvm_msrs_header)
+KVM_GET_MSR_INDEX_LIST = iowr(KVMIO, 0x02, kvm_msr_list_header)
 KVM_GET_SUPPORTED_CPUID = iowr(KVMIO, 0x05, kvm_cpuid2_header)
 KVM_SET_TSS_ADDR = io(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = iow(KVMIO, 0x48, u64)
@@ -253,5 +269,7 @@ KVM_SET_LAPIC = iow(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = iow(KVMIO, 0x90, kvm_cpuid2_header)
 KVM_GET_MP_STATE = ior(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = iow(KVMIO, 0x99, kvm_mp_state)
+KVM_GET_XSAVE = ior(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = iow(KVMIO, 0xA5, kvm_xsave)
 KVM_GET_VCPU_EVENTS = ior(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = iow(KVMIO, 0xA0, kvm_vcpu_events)

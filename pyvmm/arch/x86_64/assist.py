@@ -14,7 +14,7 @@ instruction      where Linux 6.1 uses it    what the assist does
 ``int3`` (cc)    int3_selftest, text poke   RIP += 1, inject #BP (a trap: the saved RIP is next)
 ``fwait`` (9b)   FPU code                   RIP += 1 (no x87 exception can be pending here)
 ``clac``/``stac``  exception entry with SMAP  clear/set RFLAGS.AC, RIP += 3
-``ldmxcsr m32``  FPU init, kernel_fpu_begin  MXCSR <- m32 via KVM_SET_FPU (#GP cases: stop)
+``ldmxcsr m32``  FPU init, kernel_fpu_begin  MXCSR <- m32 via KVM_SET_XSAVE (#GP: stop)
 ``stmxcsr m32``  FPU state save             m32 <- MXCSR
 ``popcnt r, r/m``  hweight (no POPCNT alt.)   compute, set ZF, clear the other arithmetic flags
 ===============  =========================  ===================================================
@@ -43,6 +43,13 @@ RFLAGS_SF = 1 << 7
 RFLAGS_OF = 1 << 11
 RFLAGS_AC = 1 << 18
 BP_VECTOR = 3
+# kvm_xsave.region indices (u32 words) of MXCSR, MXCSR_MASK and XSTATE_BV's low half; the mask that
+# applies when MXCSR_MASK reads 0 (SDM vol. 1, 11.6.6); the FP and SSE bits of XSTATE_BV
+_XSAVE_MXCSR = 24 // 4
+_XSAVE_MXCSR_MASK = 28 // 4
+_XSAVE_XSTATE_BV = 512 // 4
+_MXCSR_MASK_DEFAULT = 0xFFBF
+_XFEATURE_FP_SSE = 0x3
 MAX_INSN = 15
 
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
@@ -151,17 +158,22 @@ class EmulationAssist:
                insn: bytes, d: _Decoded) -> str:
         _decode_modrm(insn, d, regs, sregs, opcode_len=2)
         assert d.ea is not None and d.modrm is not None
-        fpu = x86.kvm_fpu()
-        vcpu.get("KVM_GET_FPU", x86.KVM_GET_FPU, fpu)
+        # MXCSR through the XSAVE image: KVM_GET_FPU/KVM_SET_FPU leave kvm_fpu.mxcsr alone (it reads 0
+        # and writes are dropped).  Legacy-area MXCSR and MXCSR_MASK at bytes 24/28 (SDM vol. 1, 10.5.1);
+        # XSTATE_BV at byte 512 (13.4.2): with FP|SSE set, KVM_SET_XSAVE takes the legacy area as given.
+        xs = x86.kvm_xsave()
+        vcpu.get("KVM_GET_XSAVE", x86.KVM_GET_XSAVE, xs)
         if (d.modrm >> 3) & 7 == 2:
             value = struct.unpack("<I", read_linear(self.mem, mode, d.ea, 4))[0]
-            if value & 0xFFFF0000:
+            supported = xs.region[_XSAVE_MXCSR_MASK] or _MXCSR_MASK_DEFAULT
+            if value & ~supported:
                 raise EmulationFailure(regs.rip, insn, f"ldmxcsr of reserved bits {value:#x} (#GP)")
-            fpu.mxcsr = value
-            vcpu.set("KVM_SET_FPU", x86.KVM_SET_FPU, fpu)
+            xs.region[_XSAVE_MXCSR] = value
+            xs.region[_XSAVE_XSTATE_BV] |= _XFEATURE_FP_SSE
+            vcpu.set("KVM_SET_XSAVE", x86.KVM_SET_XSAVE, xs)
             name = "ldmxcsr"
         else:
-            write_linear(self.mem, mode, d.ea, struct.pack("<I", fpu.mxcsr))
+            write_linear(self.mem, mode, d.ea, struct.pack("<I", xs.region[_XSAVE_MXCSR]))
             name = "stmxcsr"
         regs.rip += d.length
         vcpu.set("KVM_SET_REGS", x86.KVM_SET_REGS, regs)

@@ -148,10 +148,10 @@ def boot_msrs() -> list[tuple[int, int]]:
 def set_msrs(vcpu: VcpuFd, msrs: list[tuple[int, int]]) -> None:
     cls = x86.kvm_msrs(len(msrs))
     arg = cls()
-    arg.nmsrs = len(msrs)  # type: ignore[attr-defined]
+    arg.nmsrs = len(msrs)
     for i, (index, value) in enumerate(msrs):
-        arg.entries[i].index = index  # type: ignore[attr-defined]
-        arg.entries[i].data = value  # type: ignore[attr-defined]
+        arg.entries[i].index = index
+        arg.entries[i].data = value
     try:
         done = ioctl(vcpu.fd, x86.KVM_SET_MSRS, arg)
     except OSError as err:
@@ -177,7 +177,7 @@ def get_supported_cpuid(kvm_fd: int) -> list[x86.kvm_cpuid_entry2]:
     while True:
         cls = x86.kvm_cpuid2(n)
         arg = cls()
-        arg.nent = n  # type: ignore[attr-defined]
+        arg.nent = n
         try:
             ioctl(kvm_fd, x86.KVM_GET_SUPPORTED_CPUID, arg)
         except OSError as err:
@@ -185,8 +185,8 @@ def get_supported_cpuid(kvm_fd: int) -> list[x86.kvm_cpuid_entry2]:
                 n *= 2
                 continue
             raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {err.strerror}") from err
-        nent = int(arg.nent)  # type: ignore[attr-defined]
-        return [x86.kvm_cpuid_entry2.from_buffer_copy(arg.entries[i]) for i in range(nent)]  # type: ignore[attr-defined]
+        nent = int(arg.nent)
+        return [x86.kvm_cpuid_entry2.from_buffer_copy(arg.entries[i]) for i in range(nent)]
 
 
 def guest_cpuid(
@@ -222,9 +222,9 @@ def guest_cpuid(
 def set_cpuid(vcpu: VcpuFd, entries: list[x86.kvm_cpuid_entry2]) -> None:
     cls = x86.kvm_cpuid2(len(entries))
     arg = cls()
-    arg.nent = len(entries)  # type: ignore[attr-defined]
+    arg.nent = len(entries)
     for i, e in enumerate(entries):
-        arg.entries[i] = e  # type: ignore[attr-defined]
+        arg.entries[i] = e
     vcpu.set("KVM_SET_CPUID2", x86.KVM_SET_CPUID2, arg)
 
 

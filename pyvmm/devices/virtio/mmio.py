@@ -1,0 +1,389 @@
+"""The virtio-mmio transport, version 2 (virtio 1.2 §4.2), and the :class:`VirtioDevice` base.
+
+:class:`VirtioMmioTransport` is a bus device (``read``/``write`` at offsets into its 0x200-byte
+window) that implements the register layout of §4.2.2, the device status state machine of §2.1 / §3.1
+and the feature negotiation of §2.2, and hands configured :class:`~.queue.Virtqueue` objects to a
+:class:`VirtioDevice` (block, ...).
+
+Threads: register accesses arrive on a vCPU thread; queue processing (:meth:`notify`) runs on the
+event-loop thread, or on the vCPU thread when QueueNotify is written and no ioeventfd catches it.
+``_lock`` guards registers and InterruptStatus (held briefly); ``_process_lock`` is held while a
+queue is processed, and a reset (Status = 0) takes it first, so a reset waits for in-flight requests
+and never tears queues down under the device.  Lock order: ``_process_lock`` then ``_lock``.
+
+Guest mistakes never raise out of here: unknown registers read 0 and ignore writes, non-32-bit
+register accesses are ignored (§4.2.2.2 lets the device behave as it likes there), and a chain the
+device cannot parse puts the device into DEVICE_NEEDS_RESET with a configuration change interrupt
+(§2.1.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
+from pyvmm.errors import GuestMemoryError
+from pyvmm.interrupt import IrqLine
+from pyvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# §4.2.2 Table "MMIO Device Register Layout" (offsets into the device window; all 32-bit registers).
+REG_MAGIC_VALUE = 0x000  # R  0x74726976 ("virt")
+REG_VERSION = 0x004  # R  2 (1 = legacy, §4.2.4)
+REG_DEVICE_ID = 0x008  # R  device type (§5)
+REG_VENDOR_ID = 0x00C  # R
+REG_DEVICE_FEATURES = 0x010  # R  bits [32*sel, 32*sel+31] of the device features
+REG_DEVICE_FEATURES_SEL = 0x014  # W
+REG_DRIVER_FEATURES = 0x020  # W  bits [32*sel, 32*sel+31] of the driver's accepted features
+REG_DRIVER_FEATURES_SEL = 0x024  # W
+REG_GUEST_PAGE_SIZE = 0x028  # W  legacy only (§4.2.4)
+REG_QUEUE_SEL = 0x030  # W
+REG_QUEUE_NUM_MAX = 0x034  # R  0 if the selected queue does not exist
+REG_QUEUE_NUM = 0x038  # W
+REG_QUEUE_ALIGN = 0x03C  # W  legacy only
+REG_QUEUE_PFN = 0x040  # RW legacy only
+REG_QUEUE_READY = 0x044  # RW
+REG_QUEUE_NOTIFY = 0x050  # W  value = queue index (no VIRTIO_F_NOTIFICATION_DATA)
+REG_INTERRUPT_STATUS = 0x060  # R
+REG_INTERRUPT_ACK = 0x064  # W
+REG_STATUS = 0x070  # RW device status (§2.1); writing 0 resets
+REG_QUEUE_DESC_LOW = 0x080  # W  descriptor area
+REG_QUEUE_DESC_HIGH = 0x084  # W
+REG_QUEUE_DRIVER_LOW = 0x090  # W  driver area (available ring)
+REG_QUEUE_DRIVER_HIGH = 0x094  # W
+REG_QUEUE_DEVICE_LOW = 0x0A0  # W  device area (used ring)
+REG_QUEUE_DEVICE_HIGH = 0x0A4  # W
+REG_SHM_SEL = 0x0AC  # W  shared memory region id
+REG_SHM_LEN_LOW = 0x0B0  # R  -1 for a region that does not exist
+REG_SHM_LEN_HIGH = 0x0B4  # R
+REG_SHM_BASE_LOW = 0x0B8  # R
+REG_SHM_BASE_HIGH = 0x0BC  # R
+REG_QUEUE_RESET = 0x0C0  # RW only with VIRTIO_F_RING_RESET (not offered): reads 0
+REG_CONFIG_GENERATION = 0x0FC  # R
+REG_CONFIG = 0x100  # device-specific configuration space starts here
+
+MMIO_WINDOW_SIZE = 0x200  # what the lead maps per device (registers + config space)
+
+MAGIC_VALUE = 0x74726976
+MMIO_VERSION = 2
+VENDOR_ID = 0x4D565950  # "PYVM" little-endian; §4.2.2 leaves it to the implementation
+
+# §4.2.2 InterruptStatus bits.
+INT_USED_BUFFER = 1 << 0
+INT_CONFIG_CHANGE = 1 << 1
+
+# §2.1 Device status field.
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+_DRIVER_STATUS_BITS = (
+    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED
+)
+
+# §6 Reserved feature bits (device-independent).
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+
+TraceHook = Callable[[str], None]
+
+
+class VirtioDevice:
+    """Base class of a virtio device type behind a transport.
+
+    Subclasses set ``device_id`` and ``queue_max_sizes`` and implement the methods below.  The
+    transport calls ``activate`` once the driver set DRIVER_OK, ``process_queue`` per notification
+    (serialised: never two at a time for one device), and ``reset`` on a device reset.
+    """
+
+    device_id: int = 0
+    queue_max_sizes: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.trace: TraceHook | None = None  # set by the transport
+
+    @property
+    def device_features(self) -> int:
+        """The 64-bit feature set the device offers (§2.2)."""
+        return VIRTIO_F_VERSION_1
+
+    def read_config(self, offset: int, size: int) -> int:
+        """A little-endian read of ``size`` bytes at ``offset`` into the config space; 0 past its end."""
+        data = self.config_bytes()
+        chunk = data[offset : offset + size] if offset < len(data) else b""
+        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration space (§4.2.2 offset 0x100 onwards)."""
+        return b""
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """A driver write to the config space; read-only by default (ignored)."""
+
+    def activate(self, mem: GuestMemory, queues: Sequence[Virtqueue], features: int) -> None:
+        """The driver set DRIVER_OK with ``features`` negotiated; the queues are configured."""
+
+    def reset(self) -> None:
+        """Forget all per-driver state (§2.4); the transport resets the queues itself."""
+
+    def process_queue(self, index: int, mem: GuestMemory) -> bool:
+        """Serve available buffers on queue ``index``; True if the used ring advanced.
+
+        Raises :class:`~.queue.VirtqueueError` for a chain the device cannot parse.
+        """
+        return False
+
+
+class VirtioMmioTransport:
+    """A virtio-mmio (version 2) register window in front of a :class:`VirtioDevice`."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        irq: IrqLine,
+        *,
+        trace: TraceHook | None = None,
+    ) -> None:
+        self.device = device
+        self.mem = mem
+        self.irq = irq
+        self.trace = trace
+        device.trace = trace
+        self.queues = [Virtqueue(n) for n in device.queue_max_sizes]
+        self._lock = threading.Lock()
+        self._process_lock = threading.Lock()
+        self._reset_registers()
+
+    def _reset_registers(self) -> None:
+        self.status = 0
+        self.interrupt_status = 0
+        self.config_generation = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.shm_sel = 0
+        self.activated = False
+        for q in self.queues:
+            q.reset()
+
+    # -- BusDevice ---------------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        if offset >= REG_CONFIG:
+            if size not in (1, 2, 4, 8):
+                return 0
+            with self._lock:
+                return self.device.read_config(offset - REG_CONFIG, size) & ((1 << (8 * size)) - 1)
+        if size != 4 or offset % 4:
+            return 0
+        with self._lock:
+            return self._read_register(offset) & 0xFFFFFFFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= REG_CONFIG:
+            if size in (1, 2, 4, 8):
+                with self._lock:
+                    self.device.write_config(offset - REG_CONFIG, size, value & ((1 << (8 * size)) - 1))
+            return
+        if size != 4 or offset % 4:
+            return
+        value &= 0xFFFFFFFF
+        if offset == REG_QUEUE_NOTIFY:
+            self.notify(value)
+        elif offset == REG_STATUS:
+            self._write_status(value)
+        else:
+            with self._lock:
+                self._write_register(offset, value)
+
+    def _read_register(self, offset: int) -> int:
+        if offset == REG_MAGIC_VALUE:
+            return MAGIC_VALUE
+        if offset == REG_VERSION:
+            return MMIO_VERSION
+        if offset == REG_DEVICE_ID:
+            return self.device.device_id
+        if offset == REG_VENDOR_ID:
+            return VENDOR_ID
+        if offset == REG_DEVICE_FEATURES:
+            sel = self.device_features_sel
+            return self.device.device_features >> (32 * sel) if sel < 2 else 0
+        q = self._selected_queue()
+        if offset == REG_QUEUE_NUM_MAX:
+            return q.max_size if q else 0
+        if offset == REG_QUEUE_READY:
+            return int(q.ready) if q else 0
+        if offset == REG_INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == REG_STATUS:
+            return self.status
+        if offset in (REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH, REG_SHM_BASE_LOW, REG_SHM_BASE_HIGH):
+            return 0xFFFFFFFF  # §4.2.2: no shared memory regions, so every id reads length -1
+        if offset == REG_CONFIG_GENERATION:
+            return self.config_generation
+        return 0  # write-only, legacy and unknown registers
+
+    def _selected_queue(self) -> Virtqueue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == REG_DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == REG_DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == REG_DRIVER_FEATURES:
+            # §2.2 / §3.1.1: the feature negotiation ends with FEATURES_OK; later writes are ignored.
+            if self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) or self.driver_features_sel > 1:
+                return
+            shift = 32 * self.driver_features_sel
+            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+        elif offset == REG_QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == REG_INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+            self._trace("ack")
+        elif offset == REG_SHM_SEL:
+            self.shm_sel = value
+        else:
+            self._write_queue_register(offset, value)
+
+    def _write_queue_register(self, offset: int, value: int) -> None:
+        q = self._selected_queue()
+        # §4.2.3.2 / §3.1.1: queues are configured before DRIVER_OK; afterwards (without
+        # VIRTIO_F_RING_RESET) the device ignores queue register writes.
+        if q is None or self.status & STATUS_DRIVER_OK:
+            return
+        if offset == REG_QUEUE_READY:
+            if not value & 1:
+                q.ready = False
+                return
+            problem = q.validate()
+            if problem:
+                log.warning(
+                    "virtio-mmio(%d): queue %d not made ready: %s",
+                    self.device.device_id,
+                    self.queue_sel,
+                    problem,
+                )
+                return
+            q.ready = True
+            return
+        if q.ready:
+            return  # §4.2.3.2: the driver writes the queue layout while the queue is not ready
+        if offset == REG_QUEUE_NUM:
+            q.size = value
+        elif offset == REG_QUEUE_DESC_LOW:
+            q.desc_addr = (q.desc_addr & ~0xFFFFFFFF) | value
+        elif offset == REG_QUEUE_DESC_HIGH:
+            q.desc_addr = (q.desc_addr & 0xFFFFFFFF) | (value << 32)
+        elif offset == REG_QUEUE_DRIVER_LOW:
+            q.avail_addr = (q.avail_addr & ~0xFFFFFFFF) | value
+        elif offset == REG_QUEUE_DRIVER_HIGH:
+            q.avail_addr = (q.avail_addr & 0xFFFFFFFF) | (value << 32)
+        elif offset == REG_QUEUE_DEVICE_LOW:
+            q.used_addr = (q.used_addr & ~0xFFFFFFFF) | value
+        elif offset == REG_QUEUE_DEVICE_HIGH:
+            q.used_addr = (q.used_addr & 0xFFFFFFFF) | (value << 32)
+
+    # -- device status (§2.1, §3.1) -----------------------------------------------------------------
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        # The process lock keeps a notification from reaching the device between DRIVER_OK becoming
+        # visible and ``activate`` having run.
+        with self._process_lock:
+            self._update_status(value)
+
+    def _update_status(self, value: int) -> None:
+        activate = False
+        with self._lock:
+            old = self.status
+            # The driver never clears bits (§2.1.1) and never sets DEVICE_NEEDS_RESET itself.
+            new = old | (value & _DRIVER_STATUS_BITS)
+            if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and not self._features_acceptable():
+                new &= ~STATUS_FEATURES_OK  # §2.2.2: refused, the driver sees the bit clear on read-back
+            if new & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
+                new &= ~STATUS_DRIVER_OK  # §3.1.1: DRIVER_OK only after a successful FEATURES_OK
+            if new & STATUS_DRIVER_OK and not self.activated:
+                self.activated = activate = True
+                features = self.driver_features
+                for q in self.queues:
+                    q.event_idx = bool(features & VIRTIO_F_EVENT_IDX)
+                    q.indirect = bool(features & VIRTIO_F_INDIRECT_DESC)
+            self.status = new
+        if activate:
+            self.device.activate(self.mem, self.queues, features)
+
+    def _features_acceptable(self) -> bool:
+        offered = self.device.device_features
+        return not self.driver_features & ~offered and bool(self.driver_features & VIRTIO_F_VERSION_1)
+
+    @property
+    def negotiated_features(self) -> int:
+        return self.driver_features if self.status & STATUS_FEATURES_OK else 0
+
+    def reset(self) -> None:
+        """Device reset (Status = 0, §2.4): waits for in-flight queue work, then clears everything."""
+        with self._process_lock, self._lock:
+            self.device.reset()
+            self._reset_registers()
+
+    # -- queue notification and interrupts ---------------------------------------------------------
+    def notify(self, index: int) -> None:
+        """The driver notified queue ``index`` (QueueNotify write or its ioeventfd fired)."""
+        trace = self.trace
+        if trace is not None:
+            trace(f"notify q={index}")
+        with self._process_lock:
+            with self._lock:
+                if (
+                    self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET) != STATUS_DRIVER_OK
+                    or index >= len(self.queues)
+                    or not self.queues[index].ready
+                ):
+                    return
+            queue = self.queues[index]
+            try:
+                advanced = self.device.process_queue(index, self.mem)
+                wanted = advanced and queue.needs_interrupt(self.mem)
+            except (VirtqueueError, GuestMemoryError) as err:
+                self._needs_reset(index, err)
+                return
+        if wanted:
+            self.signal_used_buffer()
+
+    def signal_used_buffer(self) -> None:
+        with self._lock:
+            self.interrupt_status |= INT_USED_BUFFER
+        self._trace("irq used")
+        self.irq.trigger()
+
+    def signal_config_change(self) -> None:
+        """The device changed its config space (or needs a reset): §4.2.3.3 / §2.1.2."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            self.interrupt_status |= INT_CONFIG_CHANGE
+        self._trace("irq config")
+        self.irq.trigger()
+
+    def _needs_reset(self, index: int, err: Exception) -> None:
+        log.warning("virtio-mmio(%d) queue %d: %s; device needs reset", self.device.device_id, index, err)
+        with self._lock:
+            self.status |= STATUS_DEVICE_NEEDS_RESET
+            # §2.1.2: "If DEVICE_NEEDS_RESET is set, the device MUST send a device configuration
+            # change notification to the driver."  (The generation does not change: the config did not.)
+            self.interrupt_status |= INT_CONFIG_CHANGE
+        self._trace("needs reset")
+        self.irq.trigger()
+
+    def _trace(self, event: str) -> None:
+        if self.trace is not None:
+            self.trace(event)

@@ -1,0 +1,221 @@
+"""The guest driver's half of a split virtqueue (virtio 1.2 §2.7), for tests and benchmarks.
+
+:class:`DriverQueue` lays out a descriptor table, available ring and used ring in an area of a
+:class:`~pyvmm.memory.GuestMemory`, allocates data buffers after them, publishes chains (direct or
+through an indirect table, §2.7.5.3) and reads used elements back, as a guest's virtio driver does.
+:func:`setup_device` drives a virtio-mmio transport's registers through the initialisation sequence
+of §3.1.1 / §4.2.3.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyvmm.memory import GuestMemory
+
+# Mirrors of the device-side definitions (§2.7.5, §2.7.6, §2.7.8); duplicated on purpose so that the
+# driver model does not share the code it tests.
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+AVAIL_F_NO_INTERRUPT = 1
+
+Buffer = tuple[bytes | int, bool]  # contents (or a length to allocate zeroed), device-writable?
+
+
+@dataclass(frozen=True)
+class UsedElement:
+    head: int
+    length: int
+
+
+class DriverQueue:
+    """A driver-side split virtqueue of ``size`` entries at guest address ``base``.
+
+    Layout: descriptor table at ``base``, available ring after it, used ring at the next 4 KiB
+    boundary, then a data area of ``data_size`` bytes served by a bump allocator (reset with
+    :meth:`reset_data`).
+    """
+
+    def __init__(self, mem: GuestMemory, base: int, size: int, *, data_size: int = 1 << 20) -> None:
+        if size < 1 or size & (size - 1):
+            raise ValueError("queue size must be a power of two")
+        self.mem = mem
+        self.size = size
+        self.desc_addr = base
+        self.avail_addr = base + 16 * size
+        used = self.avail_addr + 6 + 2 * size
+        self.used_addr = (used + 4095) & ~4095
+        self.ring_end = self.used_addr + 6 + 8 * size
+        self.data_base = (self.ring_end + 4095) & ~4095
+        self.data_end = self.data_base + data_size
+        if not mem.contains(base, self.data_end - base):
+            raise ValueError("DriverQueue area does not fit in guest memory")
+        mem.fill(base, self.ring_end - base)
+        self.avail_idx = 0
+        self.last_used_idx = 0
+        self._free = list(range(size))
+        self._chains: dict[int, list[int]] = {}  # head -> descriptor indices it holds
+        self.buffers: dict[int, list[tuple[int, int, bool]]] = {}  # head -> (gpa, len, writable)
+        self.reset_data()
+
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free)
+
+    # -- data buffers ------------------------------------------------------------------------------
+    def reset_data(self) -> None:
+        self._next_data = self.data_base
+
+    def alloc(self, length: int, align: int = 16) -> int:
+        addr = (self._next_data + align - 1) // align * align
+        if addr + length > self.data_end:
+            self.reset_data()  # wrap: callers that keep buffers across a wrap must copy them first
+            addr = self.data_base
+            if addr + length > self.data_end:
+                raise ValueError(f"buffer of {length} bytes does not fit in the data area")
+        self._next_data = addr + length
+        return addr
+
+    # -- publishing --------------------------------------------------------------------------------
+    def write_desc(self, index: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        self.mem.pack_into(_DESC, self.desc_addr + 16 * index, addr, length, flags, nxt)
+
+    def add_chain(self, buffers: Sequence[Buffer], *, indirect: bool = False, publish: bool = True) -> int:
+        """Place ``buffers`` in data memory, chain them, and (if ``publish``) make the head available."""
+        placed: list[tuple[int, int, bool]] = []
+        for content, writable in buffers:
+            if isinstance(content, int):
+                addr = self.alloc(content)
+                self.mem.fill(addr, content)
+                placed.append((addr, content, writable))
+            else:
+                addr = self.alloc(len(content))
+                self.mem.write(addr, content)
+                placed.append((addr, len(content), writable))
+        return self.add_raw_chain(placed, indirect=indirect, publish=publish)
+
+    def add_raw_chain(
+        self, placed: Sequence[tuple[int, int, bool]], *, indirect: bool = False, publish: bool = True
+    ) -> int:
+        """Chain buffers the caller placed itself: ``(gpa, len, writable)`` each."""
+        if indirect:
+            table = self.alloc(16 * len(placed), align=16)
+            for i, (addr, length, writable) in enumerate(placed):
+                flags = (F_WRITE if writable else 0) | (F_NEXT if i + 1 < len(placed) else 0)
+                self.mem.pack_into(_DESC, table + 16 * i, addr, length, flags, i + 1 if flags & F_NEXT else 0)
+            entries = [(table, 16 * len(placed), F_INDIRECT)]
+        else:
+            entries = [(a, n, F_WRITE if w else 0) for a, n, w in placed]
+        if len(entries) > len(self._free):
+            raise ValueError("not enough free descriptors")
+        indices = [self._free.pop() for _ in entries]
+        for i, (addr, length, flags) in enumerate(entries):
+            last = i + 1 == len(entries)
+            self.write_desc(
+                indices[i], addr, length, flags | (0 if last else F_NEXT), 0 if last else indices[i + 1]
+            )
+        head = indices[0]
+        self._chains[head] = indices
+        self.buffers[head] = list(placed)
+        if publish:
+            self.publish(head)
+        return head
+
+    def publish(self, head: int) -> None:
+        """Put ``head`` in the next available slot, then advance avail idx (§2.7.13)."""
+        self.mem.pack_into(_U16, self.avail_addr + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.pack_into(_U16, self.avail_addr + 2, self.avail_idx)
+
+    def set_avail_idx(self, idx: int) -> None:
+        """Write avail idx directly (for tests that publish garbage)."""
+        self.avail_idx = idx & 0xFFFF
+        self.mem.pack_into(_U16, self.avail_addr + 2, self.avail_idx)
+
+    # -- notification suppression (§2.7.7, §2.7.10) ------------------------------------------------
+    def set_no_interrupt(self, on: bool) -> None:
+        self.mem.pack_into(_U16, self.avail_addr, AVAIL_F_NO_INTERRUPT if on else 0)
+
+    def set_used_event(self, idx: int) -> None:
+        self.mem.pack_into(_U16, self.avail_addr + 4 + 2 * self.size, idx & 0xFFFF)
+
+    @property
+    def avail_event(self) -> int:
+        return int(self.mem.unpack_from(_U16, self.used_addr + 4 + 8 * self.size)[0])
+
+    # -- the used ring -----------------------------------------------------------------------------
+    @property
+    def used_idx(self) -> int:
+        return int(self.mem.unpack_from(_U16, self.used_addr + 2)[0])
+
+    def get_used(self) -> list[UsedElement]:
+        """Used elements the device added since the last call; their descriptors become free."""
+        out: list[UsedElement] = []
+        used_idx = self.used_idx
+        while self.last_used_idx != used_idx:
+            slot = self.last_used_idx % self.size
+            head, length = self.mem.unpack_from(_USED_ELEM, self.used_addr + 4 + 8 * slot)
+            out.append(UsedElement(head, length))
+            self._free.extend(self._chains.pop(head, []))
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        return out
+
+    def read_buffer(self, head: int, index: int) -> bytes:
+        addr, length, _ = self.buffers[head][index]
+        return self.mem.read(addr, length)
+
+
+class MmioTransport(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+# virtio-mmio register offsets (§4.2.2), again mirrored rather than imported.
+_STATUS, _DEV_FEAT, _DEV_FEAT_SEL, _DRV_FEAT, _DRV_FEAT_SEL = 0x70, 0x10, 0x14, 0x20, 0x24
+_QSEL, _QNUM_MAX, _QNUM, _QREADY = 0x30, 0x34, 0x38, 0x44
+_QDESC, _QDRIVER, _QDEVICE = 0x80, 0x90, 0xA0
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+
+
+class SetupError(Exception):
+    """The device refused the driver's initialisation (e.g. FEATURES_OK not accepted)."""
+
+
+def setup_device(
+    transport: MmioTransport, queues: Sequence[DriverQueue], *, features: int | None = None, mask: int = -1
+) -> int:
+    """Initialise a device as a driver does (§3.1.1) and return the negotiated features.
+
+    ``features`` forces the driver's feature word; otherwise it accepts ``device_features & mask``.
+    """
+    transport.write(_STATUS, 4, 0)
+    transport.write(_STATUS, 4, ACKNOWLEDGE)
+    transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER)
+    offered = 0
+    for sel in (0, 1):
+        transport.write(_DEV_FEAT_SEL, 4, sel)
+        offered |= transport.read(_DEV_FEAT, 4) << (32 * sel)
+    accepted = offered & mask if features is None else features
+    for sel in (0, 1):
+        transport.write(_DRV_FEAT_SEL, 4, sel)
+        transport.write(_DRV_FEAT, 4, (accepted >> (32 * sel)) & 0xFFFFFFFF)
+    transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER | FEATURES_OK)
+    if not transport.read(_STATUS, 4) & FEATURES_OK:
+        raise SetupError(f"device refused features {accepted:#x}")
+    for i, q in enumerate(queues):
+        transport.write(_QSEL, 4, i)
+        if transport.read(_QNUM_MAX, 4) < q.size:
+            raise SetupError(f"queue {i}: device maximum is below {q.size}")
+        transport.write(_QNUM, 4, q.size)
+        for reg, addr in ((_QDESC, q.desc_addr), (_QDRIVER, q.avail_addr), (_QDEVICE, q.used_addr)):
+            transport.write(reg, 4, addr & 0xFFFFFFFF)
+            transport.write(reg + 4, 4, addr >> 32)
+        transport.write(_QREADY, 4, 1)
+    transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+    return accepted

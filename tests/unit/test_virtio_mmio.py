@@ -1,0 +1,272 @@
+"""The virtio-mmio transport (virtio 1.2 §4.2) with a dummy device: registers and status rules."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from pyvmm.devices.virtio import mmio as m
+from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
+from pyvmm.interrupt import CountingIrq
+from pyvmm.memory import GuestMemory
+from pyvmm.testing.driverqueue import DriverQueue, SetupError, setup_device
+
+FEATURE_X = 1 << 3
+
+
+class Dummy(m.VirtioDevice):
+    device_id = 42
+    queue_max_sizes = (16, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.activations: list[int] = []
+        self.resets = 0
+        self.processed: list[int] = []
+        self.fail = False
+        self.block: threading.Event | None = None
+        self.entered = threading.Event()
+        self.config = bytearray(b"\x01\x02\x03\x04\x05\x06\x07\x08")
+        self.queues: Sequence[Virtqueue] = ()
+
+    @property
+    def device_features(self) -> int:
+        return m.VIRTIO_F_VERSION_1 | FEATURE_X | m.VIRTIO_F_EVENT_IDX
+
+    def config_bytes(self) -> bytes:
+        return bytes(self.config)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        self.config[offset : offset + size] = value.to_bytes(size, "little")
+
+    def activate(self, mem: GuestMemory, queues: Sequence[Virtqueue], features: int) -> None:
+        self.activations.append(features)
+        self.queues = queues
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def process_queue(self, index: int, mem: GuestMemory) -> bool:
+        self.entered.set()
+        if self.block is not None:
+            self.block.wait(5)
+        if self.fail:
+            raise VirtqueueError("bogus")
+        self.processed.append(index)
+        q = self.queues[index]
+        advanced = False
+        while (chain := q.pop(mem)) is not None:
+            q.push_used(mem, chain.head, 0)
+            advanced = True
+        return advanced
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.mem = GuestMemory.single(1 << 20)
+        self.irq = CountingIrq()
+        self.events: list[str] = []
+        self.dev = Dummy()
+        self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq, trace=self.events.append)
+        self.q0 = DriverQueue(self.mem, 0x10000, 16, data_size=4096)
+        self.q1 = DriverQueue(self.mem, 0x20000, 8, data_size=4096)
+
+    def r(self, off: int) -> int:
+        return self.t.read(off, 4)
+
+    def w(self, off: int, value: int) -> None:
+        self.t.write(off, 4, value)
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.mem.close()
+
+
+def test_identification_registers(rig: Rig) -> None:
+    assert rig.r(m.REG_MAGIC_VALUE) == 0x74726976
+    assert rig.r(m.REG_VERSION) == 2
+    assert rig.r(m.REG_DEVICE_ID) == 42
+    assert rig.r(m.REG_VENDOR_ID) == m.VENDOR_ID
+    for off in (m.REG_SHM_LEN_LOW, m.REG_SHM_LEN_HIGH, m.REG_SHM_BASE_LOW, m.REG_SHM_BASE_HIGH):
+        assert rig.r(off) == 0xFFFFFFFF
+    assert rig.r(m.REG_QUEUE_RESET) == 0
+    assert rig.r(0x0F0) == 0  # unknown register
+
+
+def test_non_word_register_access_is_ignored(rig: Rig) -> None:
+    assert rig.t.read(m.REG_MAGIC_VALUE, 1) == 0
+    assert rig.t.read(m.REG_MAGIC_VALUE, 2) == 0
+    assert rig.t.read(m.REG_MAGIC_VALUE + 2, 4) == 0
+    rig.t.write(m.REG_STATUS, 1, m.STATUS_ACKNOWLEDGE)
+    assert rig.r(m.REG_STATUS) == 0
+
+
+def test_device_features_by_select(rig: Rig) -> None:
+    rig.w(m.REG_DEVICE_FEATURES_SEL, 0)
+    assert rig.r(m.REG_DEVICE_FEATURES) == FEATURE_X | m.VIRTIO_F_EVENT_IDX
+    rig.w(m.REG_DEVICE_FEATURES_SEL, 1)
+    assert rig.r(m.REG_DEVICE_FEATURES) == 1  # VERSION_1 is bit 32
+    rig.w(m.REG_DEVICE_FEATURES_SEL, 7)
+    assert rig.r(m.REG_DEVICE_FEATURES) == 0
+
+
+def test_full_setup_activates_once(rig: Rig) -> None:
+    feats = setup_device(rig.t, [rig.q0, rig.q1])
+    assert rig.dev.activations == [feats]
+    assert rig.r(m.REG_STATUS) == 15
+    assert rig.t.queues[0].event_idx
+    rig.w(m.REG_STATUS, 15)
+    assert rig.dev.activations == [feats]
+
+
+@pytest.mark.parametrize("features", [FEATURE_X, m.VIRTIO_F_VERSION_1 | (1 << 20)])
+def test_features_ok_refused(rig: Rig, features: int) -> None:
+    with pytest.raises(SetupError):
+        setup_device(rig.t, [rig.q0], features=features)
+    assert not rig.r(m.REG_STATUS) & m.STATUS_FEATURES_OK
+    # DRIVER_OK without FEATURES_OK is not accepted either
+    rig.w(m.REG_STATUS, m.STATUS_ACKNOWLEDGE | m.STATUS_DRIVER | m.STATUS_DRIVER_OK)
+    assert not rig.r(m.REG_STATUS) & m.STATUS_DRIVER_OK
+    assert rig.dev.activations == []
+
+
+def test_features_frozen_after_features_ok(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0], features=m.VIRTIO_F_VERSION_1)
+    rig.w(m.REG_DRIVER_FEATURES_SEL, 0)
+    rig.w(m.REG_DRIVER_FEATURES, FEATURE_X)
+    assert rig.t.negotiated_features == m.VIRTIO_F_VERSION_1
+
+
+def test_queue_registers(rig: Rig) -> None:
+    rig.w(m.REG_QUEUE_SEL, 1)
+    assert rig.r(m.REG_QUEUE_NUM_MAX) == 8
+    rig.w(m.REG_QUEUE_SEL, 2)
+    assert rig.r(m.REG_QUEUE_NUM_MAX) == 0
+    rig.w(m.REG_QUEUE_READY, 1)  # no such queue: ignored
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_NUM, 12)  # not a power of two: QueueReady refused
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    rig.w(m.REG_QUEUE_NUM, 32)  # above the maximum
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    rig.w(m.REG_QUEUE_NUM, 16)
+    rig.w(m.REG_QUEUE_DESC_LOW, 0x1000)
+    rig.w(m.REG_QUEUE_DESC_HIGH, 0x2)
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 1
+    assert rig.t.queues[0].desc_addr == 0x2_0000_1000
+    rig.w(m.REG_QUEUE_DESC_LOW, 0x3000)  # ignored while ready
+    assert rig.t.queues[0].desc_addr == 0x2_0000_1000
+
+
+def test_queue_registers_frozen_after_driver_ok(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_READY, 0)
+    rig.w(m.REG_QUEUE_NUM, 4)
+    assert rig.r(m.REG_QUEUE_READY) == 1
+    assert rig.t.queues[0].size == 16
+
+
+def test_notify_before_driver_ok_does_nothing(rig: Rig) -> None:
+    rig.w(m.REG_QUEUE_NOTIFY, 0)
+    assert rig.dev.processed == []
+
+
+def test_notify_processes_and_interrupts(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    head = rig.q0.add_chain([(4, True)])
+    rig.w(m.REG_QUEUE_NOTIFY, 0)
+    assert rig.dev.processed == [0]
+    assert [u.head for u in rig.q0.get_used()] == [head]
+    assert rig.irq.count == 1
+    assert rig.r(m.REG_INTERRUPT_STATUS) == m.INT_USED_BUFFER
+    rig.w(m.REG_INTERRUPT_ACK, m.INT_USED_BUFFER)
+    assert rig.r(m.REG_INTERRUPT_STATUS) == 0
+    rig.t.notify(1)  # the event-loop path; nothing available: no interrupt
+    rig.t.notify(9)  # no such queue
+    assert rig.irq.count == 1
+    assert rig.events[:1] == ["notify q=0"] and "irq used" in rig.events and "ack" in rig.events
+
+
+def test_malformed_chain_sets_needs_reset(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.dev.fail = True
+    rig.t.notify(0)
+    assert rig.r(m.REG_STATUS) & m.STATUS_DEVICE_NEEDS_RESET
+    assert rig.r(m.REG_INTERRUPT_STATUS) & m.INT_CONFIG_CHANGE
+    assert rig.irq.count == 1
+    rig.dev.fail = False
+    rig.t.notify(0)  # no processing until reset
+    assert rig.dev.processed == []
+    setup_device(rig.t, [rig.q0, rig.q1])
+    assert rig.r(m.REG_STATUS) == 15
+    rig.t.notify(0)
+    assert rig.dev.processed == [0]
+
+
+def test_reset_clears_everything(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.q0.add_chain([(4, True)])
+    rig.t.notify(0)
+    rig.w(m.REG_QUEUE_SEL, 1)
+    before = rig.dev.resets
+    rig.w(m.REG_STATUS, 0)
+    assert rig.r(m.REG_STATUS) == 0
+    assert rig.r(m.REG_INTERRUPT_STATUS) == 0
+    assert rig.dev.resets == before + 1
+    for q in rig.t.queues:
+        assert (q.ready, q.desc_addr, q.last_avail_idx, q.used_idx) == (False, 0, 0, 0)
+    rig.w(m.REG_QUEUE_SEL, 0)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    assert rig.t.negotiated_features == 0
+
+
+def test_reset_waits_for_in_flight_processing(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.dev.block = threading.Event()
+    rig.q0.add_chain([(4, True)])
+    worker = threading.Thread(target=rig.t.notify, args=(0,))
+    worker.start()
+    assert rig.dev.entered.wait(5)
+    before = rig.dev.resets
+    resetter = threading.Thread(target=rig.w, args=(m.REG_STATUS, 0))
+    resetter.start()
+    resetter.join(0.1)
+    assert resetter.is_alive()  # blocked behind the request
+    assert rig.r(m.REG_STATUS) == 15  # register reads are not blocked
+    rig.dev.block.set()
+    worker.join(5)
+    resetter.join(5)
+    assert rig.r(m.REG_STATUS) == 0 and rig.dev.resets == before + 1
+
+
+def test_config_space(rig: Rig) -> None:
+    assert rig.t.read(m.REG_CONFIG, 1) == 1
+    assert rig.t.read(m.REG_CONFIG + 1, 2) == 0x0302
+    assert rig.t.read(m.REG_CONFIG, 4) == 0x04030201
+    assert rig.t.read(m.REG_CONFIG, 8) == 0x0807060504030201
+    assert rig.t.read(m.REG_CONFIG + 6, 4) == 0x0807  # past the end reads 0
+    assert rig.t.read(m.REG_CONFIG, 3) == 0
+    rig.t.write(m.REG_CONFIG + 2, 2, 0xBBAA)
+    assert rig.t.read(m.REG_CONFIG, 4) == 0xBBAA0201
+    gen = rig.r(m.REG_CONFIG_GENERATION)
+    rig.t.signal_config_change()
+    assert rig.r(m.REG_CONFIG_GENERATION) == gen + 1
+    assert rig.r(m.REG_INTERRUPT_STATUS) == m.INT_CONFIG_CHANGE
+    assert rig.irq.count == 1
+
+
+def test_trace_off_by_default() -> None:
+    mem = GuestMemory.single(1 << 16)
+    t = m.VirtioMmioTransport(Dummy(), mem, CountingIrq())
+    assert t.trace is None
+    t.notify(0)
+    mem.close()
