@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.arch.x86_64 import hostkvm, layout, machine
@@ -21,6 +22,8 @@ from pyvmm.console import ConsoleOutput
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
+from pyvmm.devices.virtio.block import VirtioBlock
+from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
 from pyvmm.interrupt import EventFd, EventFdIrq
@@ -110,9 +113,6 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     for arg in host.workaround_args:
         key, _, value = arg.partition("=")
         cmdline.add(key, value or None, if_absent=True)
-    report.cmdline = str(cmdline)
-    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]))
-    machine.write_boot_tables(mem)
 
     # Devices.  The event loop exists first: devices hand it their eventfds.
     loop = EventLoop()
@@ -139,6 +139,11 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
     pio.add(0x70, 2, CmosRtc(), "rtc")
 
+    _attach_disks(config, vm, mem, mmio, loop, stack, cmdline, report)
+    report.cmdline = str(cmdline)
+    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]))
+    machine.write_boot_tables(mem)
+
     # vCPUs last: they need the memory, the irqchip and the boot state.
     supported = get_supported_cpuid(kvm.fd)
     mmap_size = kvm.vcpu_mmap_size()
@@ -155,6 +160,46 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm_ref.append(vmm)
     return vmm
+
+
+def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
+                  stack: contextlib.ExitStack, cmdline: Cmdline, report: BuildReport) -> None:
+    """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window, irqfd, an ioeventfd per
+    queue on QueueNotify (datamatch = queue index), and the ``virtio_mmio.device=`` argument."""
+    seen: dict[tuple[int, int], str] = {}
+    for index, disk_cfg in enumerate(config.disks):
+        try:
+            st = os.stat(disk_cfg.path)
+            key = (st.st_dev, st.st_ino)
+            if key in seen and not (disk_cfg.readonly and seen[key] == "ro"):
+                raise ConfigError(f"disk {disk_cfg.path} is given twice; a writable disk can be attached once")
+            seen[key] = "ro" if disk_cfg.readonly else "rw"
+        except FileNotFoundError:
+            pass  # the device reports a missing image in its own words
+        try:
+            base, irq = layout.virtio_mmio_slot(index)
+        except ValueError as err:
+            raise ConfigError(f"too many disks: {err}") from None
+        device = VirtioBlock.from_config(disk_cfg)
+        stack.callback(device.close)
+        transport = VirtioMmioTransport(device, mem, _irqfd(vm, stack, irq))
+        mmio.add(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{index}")
+        for q in range(len(device.queue_max_sizes)):
+            efd = EventFd()
+            stack.callback(efd.close)
+            vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)
+            loop.add(efd.fd, _notifier(efd, transport, q))
+        cmdline.add("virtio_mmio.device", f"{layout.VIRTIO_MMIO_SIZE >> 10}K@{base:#x}:{irq}")
+        report.notes.append(f"vd{chr(ord('a') + index)}: {disk_cfg.path}"
+                            f"{' (read-only)' if disk_cfg.readonly else ''} at {base:#x} irq {irq}")
+
+
+def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:
+    def on_notify() -> None:
+        efd.read()  # reset the counter first: a notification racing with processing is not lost
+        transport.notify(queue)
+
+    return on_notify
 
 
 def _irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int) -> EventFdIrq:

@@ -1,0 +1,38 @@
+"""Kernel and initrd loading: ELF ``vmlinux`` and bzImage (Documentation/arch/x86/boot.rst).
+
+``load_kernel`` picks the format from the file's bytes, never from its name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pyvmm.errors import LoaderError
+from pyvmm.loader._files import read_file
+from pyvmm.loader.bzimage import is_bzimage, load_extracted, load_guest
+from pyvmm.loader.elf import ELF_MAGIC, load_elf
+from pyvmm.loader.kernel import LoadedKernel
+from pyvmm.memory import GuestMemory
+
+__all__ = ["LoadedKernel", "load_kernel"]
+
+Boot = Literal["elf", "guest"]
+
+
+def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = "elf") -> LoadedKernel:
+    """Load the kernel at ``path`` into ``mem``.
+
+    An ELF file is loaded as is.  A bzImage is, with ``boot='elf'``, decompressed on the host and the
+    ``vmlinux`` inside loaded; with ``boot='guest'``, loaded for the 64-bit boot protocol so that its
+    own decompressor runs in the guest.
+    """
+    if boot not in ("elf", "guest"):
+        raise ValueError(f"boot must be 'elf' or 'guest', not {boot!r}")
+    name = os.fspath(path)
+    data = read_file(path, "kernel")
+    if data.startswith(ELF_MAGIC):
+        return load_elf(mem, data, name)
+    if is_bzimage(data):
+        return load_extracted(mem, data, name) if boot == "elf" else load_guest(mem, data, name)
+    raise LoaderError(f"{name}: not a Linux kernel (neither an ELF file nor a bzImage)")
