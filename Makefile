@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# The default guest: the minimal kernel from images/, its busybox initramfs, and the ext4 root disk.
+# The default guest: the minimal kernel from images/ with its ext4 root disk on virtio-blk (vda).
 KERNEL ?= images/out/vmlinux
-INITRD ?= images/out/initrd.cpio.gz
+ROOTFS ?= images/out/rootfs.ext4
 MEMORY ?= 512M
-RUN_ARGS ?= --kernel $(KERNEL) --initrd $(INITRD) --memory $(MEMORY) --cmdline "console=ttyS0"
+RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
+            --cmdline "console=ttyS0 root=/dev/vda rw init=/init"
 
 .PHONY: all run test check images firmware deps venv clean help
 

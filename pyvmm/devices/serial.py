@@ -157,9 +157,8 @@ class Serial16550:
             if dlab:
                 self.dll = value
                 return False
-            if self.mcr & UART_MCR_LOOP:
-                if len(self._rx) < RX_FIFO_SIZE:
-                    self._rx.append(value)
+            if self.mcr & UART_MCR_LOOP and len(self._rx) < RX_FIFO_SIZE:
+                self._rx.append(value)
             self._thr_empty_pending = True  # sent at once: THR is empty again
             return True
         if offset == UART_IER:

@@ -19,9 +19,8 @@ class kvm_regs(AbiStruct):
     __slots__ = ()
     _fields_ = [
         (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                     "r12", "r13", "r14", "r15", "rip", "rflags")
     ]
 
 
