@@ -91,6 +91,11 @@ class X86ExitHandler(ArchExitHandler):
             return ExitStatus.EMULATION_FAILURE, f"vCPU {vcpu.index}: {err}"
         return None
 
+    def program_counter(self, vcpu: VcpuFd) -> int:
+        regs = x86.kvm_regs()
+        vcpu.get("KVM_GET_REGS", x86.KVM_GET_REGS, regs)
+        return int(regs.rip)
+
     def summary(self) -> list[str]:
         if self.assist is None or not self.assist.counts:
             return []
