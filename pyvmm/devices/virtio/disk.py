@@ -13,6 +13,7 @@ descriptor of the same file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -296,6 +297,11 @@ class RawDisk:
                 view.release()
 
     def close(self) -> None:
+        # Whatever the guest wrote reaches stable storage before pyvmm lets go of the image, also
+        # when the VM is stopped by a signal with writes the guest never flushed.
+        if not self._readonly and self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fdatasync(self.fd)
         for fd in {self.fd, self._buffered_fd} - {-1}:
             os.close(fd)  # closing the buffered descriptor drops the flock
         self.fd = self._buffered_fd = -1
