@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images" / "out"
+
+
+# Property-test examples actually run, per test (printed at the end: issue 6 asks for the count).
+FUZZ_EXAMPLES: Counter[str] = Counter()
+
+
+def count_example(test: str) -> None:
+    FUZZ_EXAMPLES[test] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FUZZ_EXAMPLES:
+        total = sum(FUZZ_EXAMPLES.values())
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_EXAMPLES.items()))
+        terminalreporter.write_line(f"hypothesis examples run: {total} ({parts})")
 
 
 def kvm_unavailable_reason() -> str | None:

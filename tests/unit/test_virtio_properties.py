@@ -31,6 +31,7 @@ from pyvmm.devices.virtio.disk import RawDisk
 from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.driverqueue import DriverQueue, UsedElement, setup_device
+from tests.conftest import count_example
 
 EXAMPLES = int(os.environ.get("PYVMM_HYPOTHESIS_EXAMPLES", "300"))
 PROPS = settings(
@@ -160,6 +161,7 @@ def _writable_regions(mem_before: bytes, table: list[Desc]) -> list[tuple[int, i
 @PROPS
 @given(g=garbage())
 def test_garbage_rings_never_escape(disk: RawDisk, g: Garbage) -> None:
+    count_example("garbage_rings_never_escape")
     rig = Rig(disk, g.features_off)
     mem, q = rig.mem, rig.q
     try:
@@ -226,6 +228,7 @@ request = st.tuples(
 def test_well_formed_requests_used_exactly_once(
     disk: RawDisk, reqs: list[tuple[int, int, int, list[int], bool, int]], off: int
 ) -> None:
+    count_example("well_formed_requests_used_exactly_once")
     rig = Rig(disk, off)
     q = rig.q
     shadow = bytearray(os.pread(disk.fd, SECTORS * 512, 0))  # the disk as the requests should see it
@@ -307,6 +310,7 @@ access = st.tuples(
 def test_register_sequences_never_raise(
     disk: RawDisk, ops: list[tuple[str, int, int, int]], configured: bool
 ) -> None:
+    count_example("register_sequences_never_raise")
     rig = Rig(disk, 0) if configured else None
     if rig is None:
         mem = GuestMemory.single(MEM_SIZE)
