@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from pyvmm.devices.virtio import block as b
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio.disk import RawDisk
+from pyvmm.devices.virtio.queue import DescriptorChain
 from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.driverqueue import DriverQueue, UsedElement, setup_device
@@ -182,22 +183,47 @@ def test_garbage_rings_never_escape(disk: RawDisk, g: Garbage) -> None:
         q.set_used_event(g.used_event)
         q.set_avail_idx(g.avail_idx)
         before = mem.read(0, MEM_SIZE)
+        # Record what the device returns as it returns it: a writable buffer the driver placed over
+        # the used ring lets the device's own data overwrite the ring, so reading the ring back
+        # afterwards would not tell what the device did.
+        pushed: list[int] = []
+        vq = rig.t.queues[0]
+        real_push = vq.push_used
+
+        def spy(mem_: GuestMemory, head: int, written_len: int) -> None:
+            pushed.append(head)
+            real_push(mem_, head, written_len)
+
+        vq.push_used = spy  # type: ignore[method-assign]
+        # Likewise the buffers as the device copied them when it popped each chain: a writable
+        # buffer over the descriptor table lets one request rewrite the next chain's descriptors.
+        offered: list[tuple[int, int]] = []
+        real_pop = vq.pop
+
+        def pop_spy(mem_: GuestMemory) -> DescriptorChain | None:
+            chain = real_pop(mem_)
+            if chain is not None:
+                offered.extend((d.addr, d.addr + d.length) for d in chain.descriptors if d.writable)
+            return chain
+
+        vq.pop = pop_spy  # type: ignore[method-assign]
 
         for _ in range(g.notifies):
             rig.t.notify(0)
 
         after = mem.read(0, MEM_SIZE)
-        used_idx = q.used_idx
+        used_idx = len(pushed)
         assert used_idx <= QSIZE * g.notifies
-        # every used head was published (at least as many times as it is used)
+        # every used head was published (at least as many times as it is used): §2.7.8 "the
+        # device MUST NOT" return a descriptor the driver did not make available
         published = Counter(g.ring[i % QSIZE] for i in range(min(g.avail_idx, QSIZE)))
-        used = Counter(u.head for u in q.get_used())
+        used = Counter(pushed)
         assert not used - published
         event("needs reset" if rig.t.read(m.REG_STATUS, 4) & m.STATUS_DEVICE_NEEDS_RESET else "no reset")
         event(f"used {min(used_idx, 3)}{'+' if used_idx > 3 else ''}")
         # the device wrote only into offered writable buffers and its used ring (incl. avail_event)
         changed = np.flatnonzero(np.frombuffer(before, np.uint8) != np.frombuffer(after, np.uint8))
-        allowed = [*_writable_regions(before, g.table), (q.used_addr, q.used_addr + 6 + 8 * QSIZE)]
+        allowed = [*_writable_regions(before, g.table), *offered, (q.used_addr, q.used_addr + 6 + 8 * QSIZE)]
         for pos in changed:
             assert any(lo <= pos < hi for lo, hi in allowed), f"write at {pos:#x} outside offered buffers"
     finally:
