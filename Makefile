@@ -6,15 +6,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# property-test examples per test (3 tests): >= 10,000 in all for make test; raise it for a long fuzz run
+FUZZ_EXAMPLES ?= 3400
 
 # The default guest: the minimal kernel from images/ with its ext4 root disk on virtio-blk (vda).
 KERNEL ?= images/out/vmlinux
 ROOTFS ?= images/out/rootfs.ext4
 MEMORY ?= 512M
 RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
-            --cmdline "console=ttyS0 root=/dev/vda rw init=/init"
+            --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
 
-.PHONY: all run test check images firmware deps venv clean help
+.PHONY: all run test check images lab-images bench bench-lab firmware docs deps venv clean help
 
 help:
 	@echo "make run       boot the default guest (installs deps, builds images first)"
@@ -22,6 +24,10 @@ help:
 	@echo "make check     ruff + mypy --strict"
 	@echo "make images    build the default guest kernel, initramfs and root disk"
 	@echo "make firmware  build the tiny test guests"
+	@echo "make docs      regenerate the diagrams in docs/ from their text sources (graphviz)"
+	@echo "make lab-images  build the KVM lab kernel (QEMU TCG + nested KVM; see README \"KVM lab\")"
+	@echo "make bench     device model, exit costs, kernel load, boot phases + memory (BENCH_ARGS=--quick: no boot)"
+	@echo "make bench-lab   boot time, pyvmm side by side with QEMU-KVM microvm (in the lab if needed)"
 
 deps:
 	@scripts/deps.sh
@@ -37,17 +43,41 @@ venv: $(STAMP)
 images: deps venv
 	$(PY) images/build.py
 
+# The KVM lab's kernel (pyvmm/lab/): needed where the host KVM cannot run guest user space.
+lab-images: deps venv
+	$(PY) images/lab.py
+
+# True (exit 0) when this host's /dev/kvm is a software KVM that cannot run guest user space.
+SOFTWARE_KVM := $(PY) -c "from pyvmm.arch.x86_64 import hostkvm; raise SystemExit(not hostkvm.detect().software)"
+
 firmware:
 	$(MAKE) -s -C firmware
 
-run: deps venv images
-	$(PY) -m pyvmm run $(RUN_ARGS)
+# Diagrams from their text sources (graphviz); the generated SVGs are committed.
+docs: docs/virtio-walkthrough.svg
 
-test: deps venv images firmware
-	$(PY) -m pytest $(PYTEST_ARGS)
+docs/virtio-walkthrough.svg: docs/virtio-walkthrough.dot
+	dot -Tsvg $< -o $@
+
+# On a software-KVM host `pyvmm.lab guest` runs the guest inside the KVM lab (and says why).
+run: deps venv images
+	@if $(SOFTWARE_KVM); then $(MAKE) -s lab-images; fi
+	$(PY) -m pyvmm.lab guest -- $(RUN_ARGS)
+
+test: deps venv images lab-images firmware
+	PYVMM_HYPOTHESIS_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (bench/README.md): tables on stdout, JSON in bench/out/.  BENCH_ARGS=--quick skips the boot.
+BENCH_ARGS ?=
+bench: venv images firmware
+	@$(PY) -c "import psutil" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-lab: deps venv images lab-images
+	$(PY) bench/lab_boot.py
 
 check: venv
-	$(VENV)/bin/ruff check pyvmm tests images
+	$(VENV)/bin/ruff check pyvmm tests images bench
 	$(VENV)/bin/mypy
 
 clean:

@@ -13,12 +13,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyvmm.arch.x86_64 import hostkvm, layout, machine
+from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
+from pyvmm.arch.x86_64.acpi import tables as acpi_tables
 from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
 from pyvmm.arch.x86_64.cpu import get_supported_cpuid
 from pyvmm.bus import Bus
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleOutput
+from pyvmm.devices.acpi_sleep import AcpiSleep
+from pyvmm.devices.boottimer import BOOT_TIMER_SIZE, BootTimer
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
@@ -35,6 +38,7 @@ from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.initrd import load_initrd
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
+from pyvmm.trace import EVENT_CLASSES, Tracer
 from pyvmm.vmm import Vmm
 
 # Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
@@ -84,8 +88,6 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
 
 
 def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
-    if config.cpus != 1:
-        raise ConfigError("--cpus > 1 needs the MP/ACPI tables of the SMP work, not built yet; use --cpus 1")
     host = hostkvm.resolve(config.workarounds)
     report.host = host.reason
 
@@ -139,9 +141,23 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
     pio.add(0x70, 2, CmosRtc(), "rtc")
 
+    pio.add(layout.ACPI_SLEEP_CONTROL_PORT, 2, AcpiSleep(lambda: stop(ExitStatus.OK, "guest powered off (ACPI S5)")),
+            "acpi-sleep")
+    boot_timer = BootTimer()
+    mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
+
     _attach_disks(config, vm, mem, mmio, loop, stack, cmdline, report)
     report.cmdline = str(cmdline)
-    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]))
+    # Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables, always
+    # (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the MADT).
+    # The DSDT lists the virtio-mmio devices unless they are announced on the command line only.
+    virtio = [] if config.devices_via == "cmdline" else [
+        acpi_tables.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq)
+        for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
+    acpi = acpi_tables.write(mem, config.cpus, virtio)
+    mptable.write(mem, config.cpus)
+    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]),
+                      acpi_rsdp_addr=acpi.rsdp_addr)
     machine.write_boot_tables(mem)
 
     # vCPUs last: they need the memory, the irqchip and the boot state.
@@ -158,6 +174,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout)
     vmm.serial = serial  # type: ignore[attr-defined]
     vmm.mem = mem  # type: ignore[attr-defined]
+    vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
     vmm_ref.append(vmm)
     return vmm
 
@@ -167,6 +184,12 @@ def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop:
     """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window, irqfd, an ioeventfd per
     queue on QueueNotify (datamatch = queue index), and the ``virtio_mmio.device=`` argument."""
     seen: dict[tuple[int, int], str] = {}
+    tracer: Tracer | None = None
+    if config.trace and config.disks:  # off by default: then no hook exists at all (zero cost)
+        tracer = Tracer.open(config.trace, config.trace_file)
+        stack.callback(tracer.close)
+        classes = ", ".join(c for c in EVENT_CLASSES if c in config.trace)
+        report.notes.append(f"virtio trace ({classes}) to {config.trace_file or 'stderr'}")
     for index, disk_cfg in enumerate(config.disks):
         try:
             st = os.stat(disk_cfg.path)
@@ -182,22 +205,25 @@ def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop:
             raise ConfigError(f"too many disks: {err}") from None
         device = VirtioBlock.from_config(disk_cfg)
         stack.callback(device.close)
-        transport = VirtioMmioTransport(device, mem, _irqfd(vm, stack, irq))
+        name = f"vd{chr(ord('a') + index)}"
+        trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
+        transport = VirtioMmioTransport(device, mem, _irqfd(vm, stack, irq), trace=trace)
         mmio.add(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{index}")
         for q in range(len(device.queue_max_sizes)):
             efd = EventFd()
             stack.callback(efd.close)
             vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)
             loop.add(efd.fd, _notifier(efd, transport, q))
-        cmdline.add("virtio_mmio.device", f"{layout.VIRTIO_MMIO_SIZE >> 10}K@{base:#x}:{irq}")
-        report.notes.append(f"vd{chr(ord('a') + index)}: {disk_cfg.path}"
+        if config.devices_via != "acpi":
+            cmdline.add("virtio_mmio.device", f"{layout.VIRTIO_MMIO_SIZE >> 10}K@{base:#x}:{irq}")
+        report.notes.append(f"{name}: {disk_cfg.path}"
                             f"{' (read-only)' if disk_cfg.readonly else ''} at {base:#x} irq {irq}")
 
 
 def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:
     def on_notify() -> None:
         efd.read()  # reset the counter first: a notification racing with processing is not lost
-        transport.notify(queue)
+        transport.notify(queue, via="ioeventfd")
 
     return on_notify
 

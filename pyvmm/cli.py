@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from pyvmm import __version__
-from pyvmm.config import DiskConfig, VmConfig, parse_memory
+from pyvmm.config import DEVICES_VIA
+from pyvmm.configfile import FIELD_NAMES, RunSettings, format_size, resolve
 from pyvmm.errors import VmmError
 from pyvmm.status import STATUS_HELP, ExitStatus
+from pyvmm.trace import EVENT_CLASSES
 from pyvmm.vmm import print_err
 
 RUN_EPILOG = f"""\
@@ -29,7 +31,51 @@ console:
 examples:
   pyvmm run --kernel images/out/vmlinux --initrd images/out/initrd.cpio.gz --memory 512M
   pyvmm run --kernel bzImage --disk path=rootfs.ext4 --cmdline "console=ttyS0 root=/dev/vda rw"
+  pyvmm run --config vm.toml --memory 1G --trace virtio --trace-file trace.txt
+  pyvmm config --print --config vm.toml --memory 1G     (the effective configuration, as TOML)
 """
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``pyvmm run`` (and ``pyvmm config``).  The parser's argument default is SUPPRESS: a
+    flag that is absent leaves the config file's value (or RunSettings' default, quoted in the help)."""
+    d = RunSettings()
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="read options from a TOML config file (docs/config.md); flags given here override it")
+    p.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="ELF vmlinux or bzImage (the format is detected from the file); required, here or in "
+                        "the config file")
+    p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs/initrd image")
+    p.add_argument("--cmdline", metavar="TEXT",
+                   help=f"kernel command line (default: {d.cmdline}); pyvmm appends reboot=k pci=off "
+                        "8250.nr_uarts=1 unless given, plus the devices and any host workarounds")
+    p.add_argument("--memory", "-m", metavar="SIZE",
+                   help=f"guest RAM, e.g. 512M or 2G (default: {format_size(d.memory)})")
+    p.add_argument("--cpus", type=int, metavar="N", help=f"number of vCPUs (default: {d.cpus})")
+    p.add_argument("--disk", action="append", dest="disks", metavar="SPEC",
+                   help="virtio-blk disk: path=IMG[,readonly=on][,serial=ID][,cache=writeback|none]"
+                        "[,discard=on|off]; repeat for vdb, vdc, ... (replaces the config file's disks)")
+    p.add_argument("--console", metavar="WHERE",
+                   help="guest console: stdio (default), none, or file:PATH")
+    p.add_argument("--boot", choices=("elf", "guest"),
+                   help="bzImage handling: elf = decompress on the host and boot the vmlinux inside (fast, "
+                        "default); guest = run the kernel's own decompressor in the guest")
+    p.add_argument("--workarounds", choices=("auto", "on", "off"),
+                   help="host-KVM workarounds (emulation assist, kernel args): auto = only on a software-"
+                        "emulating host KVM (default)")
+    p.add_argument("--devices-via", choices=DEVICES_VIA,
+                   help="how the guest finds the virtio-mmio disks: cmdline (virtio_mmio.device=), acpi (DSDT "
+                        "LNRO0005 devices, for distro kernels), or both (default; docs/acpi.md)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long (exit status 5)")
+    p.add_argument("--panic-exit", action=argparse.BooleanOptionalAction,
+                   help="stop with status 3 when the guest kernel panics (default); --no-panic-exit keeps "
+                        "it running")
+    p.add_argument("--trace", action="append", metavar="SEL",
+                   help="trace virtio events, one line each: virtio (all), or comma-separated "
+                        f"virtio.<class> with <class> in {', '.join(EVENT_CLASSES)}; none = off (default)")
+    p.add_argument("--trace-file", type=Path, metavar="PATH", help="write the trace here instead of stderr")
+    p.add_argument("-v", "--verbose", action="count", help="more VMM messages on stderr (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,68 +88,51 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot an x86_64 Linux kernel (ELF vmlinux or bzImage) with an optional initrd and disks.",
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    r.add_argument("--kernel", required=True, type=Path, metavar="PATH",
-                   help="ELF vmlinux or bzImage (the format is detected from the file)")
-    r.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs/initrd image")
-    r.add_argument("--cmdline", default="console=ttyS0", metavar="TEXT",
-                   help="kernel command line (default: %(default)s); pyvmm appends reboot=k pci=off "
-                        "8250.nr_uarts=1 unless given, plus the devices and any host workarounds")
-    r.add_argument("--memory", "-m", default="512M", metavar="SIZE",
-                   help="guest RAM, e.g. 512M or 2G (default: %(default)s)")
-    r.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default: 1)")
-    r.add_argument("--disk", action="append", default=[], metavar="SPEC",
-                   help="virtio-blk disk: path=IMG[,readonly=on][,serial=ID][,cache=writeback|none]"
-                        "[,discard=on|off]; repeat for vdb, vdc, ...")
-    r.add_argument("--console", default="stdio", metavar="WHERE",
-                   help="guest console: stdio (default), none, or file:PATH")
-    r.add_argument("--boot", choices=("elf", "guest"), default="elf",
-                   help="bzImage handling: elf = decompress on the host and boot the vmlinux inside (fast, "
-                        "default); guest = run the kernel's own decompressor in the guest")
-    r.add_argument("--workarounds", choices=("auto", "on", "off"), default="auto",
-                   help="host-KVM workarounds (emulation assist, kernel args): auto = only on a software-"
-                        "emulating host KVM (default)")
-    r.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long (exit status 5)")
-    r.add_argument("--no-panic-exit", action="store_true",
-                   help="keep running after a guest kernel panic instead of stopping with status 3")
-    r.add_argument("-v", "--verbose", action="count", default=0, help="more VMM messages on stderr (-vv: debug)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
+    _add_run_options(r)
+    c = sub.add_parser(
+        "config",
+        help="show the effective configuration of a run",
+        description="Print, as a config file, the configuration `pyvmm run` would use with the same "
+                    "options: defaults <- --config FILE <- flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    c.add_argument("--print", action="store_true", help="print the effective configuration as TOML (default)")
+    _add_run_options(c)
     return p
 
 
-def _config(args: argparse.Namespace) -> VmConfig:
-    return VmConfig(
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=args.cmdline,
-        memory=parse_memory(args.memory),
-        cpus=args.cpus,
-        disks=tuple(DiskConfig.parse(d) for d in args.disk),
-        console=args.console,
-        boot=args.boot,
-        workarounds=args.workarounds,
-        timeout=args.timeout,
-        exit_on_panic=not args.no_panic_exit,
-    )
+def _settings(args: argparse.Namespace) -> RunSettings:
+    given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    return resolve(getattr(args, "config", None), given)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    try:
+        settings = _settings(args)
+    except VmmError as err:
+        print_err(f"error: {err}")
+        return int(ExitStatus.BAD_INPUT)
+    level = logging.WARNING if settings.verbose == 0 else logging.INFO if settings.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="pyvmm: %(message)s", stream=sys.stderr)
     if args.command == "run":
-        return _run(args)
+        return _run(settings)
+    if args.command == "config":
+        source = f" <- {args.config}" if getattr(args, "config", None) else ""
+        sys.stdout.write(settings.to_toml(header=f"pyvmm effective configuration: defaults{source} <- flags"))
+        return 0
     parser.error(f"unknown command {args.command}")
     return int(ExitStatus.BAD_INPUT)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(settings: RunSettings) -> int:
     from pyvmm.runner import run_vm  # imports KVM bits only when running
 
     try:
-        config = _config(args)
-        return int(run_vm(config, quiet=args.quiet))
+        return int(run_vm(settings.vm_config(), quiet=settings.quiet))
     except VmmError as err:
         print_err(f"error: {err}")
         return int(ExitStatus.BAD_INPUT)

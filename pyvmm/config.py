@@ -77,11 +77,16 @@ class DiskConfig:
             if key in values:
                 raise ConfigError(f"--disk key {key!r} given twice in {text!r}")
             values[key] = value
+        return cls.from_values(values, where=repr(text))
+
+    @classmethod
+    def from_values(cls, values: dict[str, str], *, where: str) -> DiskConfig:
+        """Build from ``--disk`` keys and their text values (also used for ``[[disk]]`` config tables)."""
         unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard"}
         if unknown:
-            raise ConfigError(f"unknown --disk key(s) {', '.join(sorted(unknown))} in {text!r}")
+            raise ConfigError(f"unknown --disk key(s) {', '.join(sorted(unknown))} in {where}")
         if not values.get("path"):
-            raise ConfigError(f"--disk {text!r} has no path=")
+            raise ConfigError(f"--disk {where} has no path=")
         cache = values.get("cache", "writeback")
         if cache not in ("writeback", "none"):
             raise ConfigError(f"bad cache mode {cache!r}: expected writeback or none")
@@ -99,6 +104,7 @@ class DiskConfig:
 
 
 CONSOLE_STDIO = "stdio"
+DEVICES_VIA = ("both", "cmdline", "acpi")
 CONSOLE_NONE = "none"
 
 
@@ -119,6 +125,13 @@ class VmConfig:
     workarounds: str = "auto"
     timeout: float | None = None
     exit_on_panic: bool = True
+    # virtio trace: the event classes to trace (pyvmm.trace.EVENT_CLASSES; empty = off) and where to
+    # (None = stderr)
+    trace: frozenset[str] = frozenset()
+    trace_file: Path | None = None
+    # How the guest learns of the virtio-mmio devices (docs/acpi.md): "cmdline" (virtio_mmio.device=),
+    # "acpi" (LNRO0005 devices in the DSDT) or "both" (default: kernels with either mechanism work)
+    devices_via: str = "both"
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +139,8 @@ class VmConfig:
             raise ConfigError(f"bad boot mode {self.boot!r}: expected elf or guest")
         if self.workarounds not in ("auto", "on", "off"):
             raise ConfigError(f"bad workarounds mode {self.workarounds!r}: expected auto, on or off")
+        if self.devices_via not in DEVICES_VIA:
+            raise ConfigError(f"bad devices-via {self.devices_via!r}: expected {', '.join(DEVICES_VIA)}")
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"bad cpu count {self.cpus}: expected 1..64")
         if self.timeout is not None and self.timeout <= 0:

@@ -6,6 +6,7 @@ format, host workarounds, the final command line) and, at the end, how the guest
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 
@@ -73,6 +74,9 @@ def run_vm(config: VmConfig, *, quiet: bool = False) -> ExitStatus:
 def report_result(result: VmResult, *, quiet: bool = False) -> None:
     if result.status != ExitStatus.OK or not quiet:
         exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items()))
-        print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {int(result.status)}); exits: {exits}")
+        # ru_maxrss is in KiB on Linux; it includes the guest RAM the guest touched.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {int(result.status)}); exits: {exits}; "
+                  f"peak RSS {peak} MiB")
         for line in result.details:
             print_err(line)

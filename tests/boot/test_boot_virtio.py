@@ -11,11 +11,12 @@ import hashlib
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pyvmm import VM
+from pyvmm.pytest_plugin import PyvmmImages
 from tests.boot.conftest import Boot
 
 pytestmark = pytest.mark.boot
@@ -35,29 +36,29 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture
-def rootfs(images: Path, tmp_path: Path) -> Path:
+def rootfs(pyvmm_images: PyvmmImages, images: Path, tmp_path: Path) -> Path:
+    """A copy of the root disk under test (``--pyvmm-disk``, default images/out/rootfs.ext4)."""
     if shutil.which("dumpe2fs") is None or shutil.which("e2fsck") is None:
         pytest.skip("e2fsprogs (dumpe2fs, e2fsck) is not installed")
     copy = tmp_path / "rootfs.ext4"
-    shutil.copyfile(images / "rootfs.ext4", copy)
+    shutil.copyfile(pyvmm_images.disk or images / "rootfs.ext4", copy)
     return copy
 
 
-def test_root_on_virtio_blk_read_write(boot: Callable[..., Boot], images: Path, rootfs: Path,
-                                       software_kvm: bool) -> None:
+def test_root_on_virtio_blk_read_write(boot: Boot, images: Path, rootfs: Path, software_kvm: bool) -> None:
     before = _mount_count(rootfs)
     data = rootfs.parent / "data.img"
     data.write_bytes(b"\0" * (1 << 20))
-    b = boot("--kernel", str(images / "vmlinux"), "--memory", "256M",
-             "--disk", f"path={rootfs}", "--disk", f"path={data},readonly=on,serial=data0",
-             "--cmdline", f"{ROOT_ARGS} rw")
-    assert re.search(r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks", b.console), b.explain()
-    assert re.search(r"virtio_blk virtio1: \[vdb\] 2048 512-byte logical blocks", b.console), b.explain()
-    assert "EXT4-fs (vda): mounted filesystem" in b.console, b.explain()
-    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) on device 254:0", b.console), b.explain()
-    assert "Run /init as init process" in b.console, b.explain()
+    vm: VM = boot(initrd=None, memory="256M",  # the kernel under test: --pyvmm-kernel (default images/out/vmlinux)
+                  disks=[f"path={rootfs}", f"path={data},readonly=on,serial=data0"], cmdline=f"{ROOT_ARGS} rw")
+    console = vm.console_text
+    assert re.search(r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks", console), vm.explain()
+    assert re.search(r"virtio_blk virtio1: \[vdb\] 2048 512-byte logical blocks", console), vm.explain()
+    assert "EXT4-fs (vda): mounted filesystem" in console, vm.explain()
+    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) on device 254:0", console), vm.explain()
+    assert "Run /init as init process" in console, vm.explain()
     if not software_kvm:
-        assert "PYVMM-INIT: vda present" in b.console and b.status == 0, b.explain()
+        assert "PYVMM-INIT: vda present" in console and vm.status == 0, vm.explain()
     # The kernel's writes reached the image: the superblock's mount count went up, and the
     # filesystem is consistent.
     assert _mount_count(rootfs) == before + 1
@@ -65,10 +66,11 @@ def test_root_on_virtio_blk_read_write(boot: Callable[..., Boot], images: Path, 
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def test_read_only_disk_mounts_read_only(boot: Callable[..., Boot], images: Path, rootfs: Path) -> None:
+def test_read_only_disk_mounts_read_only(boot: Boot, images: Path, rootfs: Path) -> None:
     digest = _sha256(rootfs)
-    b = boot("--kernel", str(images / "vmlinux"), "--memory", "256M",
-             "--disk", f"path={rootfs},readonly=on", "--cmdline", f"{ROOT_ARGS} rw")
-    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0", b.console), b.explain()
-    assert "Run /init as init process" in b.console, b.explain()
+    vm: VM = boot(initrd=None, memory="256M", disks=[f"path={rootfs},readonly=on"],
+                  cmdline=f"{ROOT_ARGS} rw")
+    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) readonly on device 254:0", vm.console_text), \
+        vm.explain()
+    assert "Run /init as init process" in vm.console_text, vm.explain()
     assert _sha256(rootfs) == digest  # not one byte written

@@ -13,35 +13,42 @@ from pathlib import Path
 
 import pytest
 
-from tests.boot.conftest import Boot
+from pyvmm import VM
+from tests.boot.conftest import BOOT_TIMEOUT_S
 
 pytestmark = pytest.mark.boot
 
 KERNEL_MILESTONES = ("Linux version 6.1", "Command line:", "Serial: 8250/16550 driver", "Run /init as init process")
 
 
-def _check_boot(b: Boot, software_kvm: bool) -> None:
+def _check_boot(vm: VM, software_kvm: bool) -> None:
+    # The milestones in the order the kernel prints them, as they come (console.expect), then the end.
     for line in KERNEL_MILESTONES:
-        assert line in b.console, f"missing {line!r}\n{b.explain()}"
+        vm.console.expect_exact(line, timeout=BOOT_TIMEOUT_S)
+    vm.wait(BOOT_TIMEOUT_S)
+    for line in KERNEL_MILESTONES:
+        assert line in vm.console_text, f"missing {line!r}\n{vm.explain()}"
     if software_kvm:
         # user space cannot run here: the first syscall of /init kills it and the kernel panics
-        assert b.status == 3, b.explain()
-        assert "Attempted to kill init" in b.console, b.explain()
+        assert vm.status == 3, vm.explain()
+        assert "Attempted to kill init" in vm.console_text, vm.explain()
     else:
-        assert "PYVMM-INIT: done" in b.console, b.explain()
-        assert b.status == 0, b.explain()
+        assert "PYVMM-INIT: done" in vm.console_text, vm.explain()
+        assert vm.status == 0, vm.explain()
 
 
-def test_vmlinux_with_initrd(boot: Callable[..., Boot], images: Path, software_kvm: bool) -> None:
-    b = boot("--kernel", str(images / "vmlinux"), "--initrd", str(images / "initrd.cpio.gz"), "--memory", "256M")
-    _check_boot(b, software_kvm)
-    assert "(elf)" in b.stderr
+def test_vmlinux_with_initrd(vm_factory: Callable[..., VM], images: Path, kvm: None, software_kvm: bool) -> None:
+    vm = vm_factory(kernel=images / "vmlinux", initrd=images / "initrd.cpio.gz", memory="256M",
+                    timeout=BOOT_TIMEOUT_S)
+    _check_boot(vm, software_kvm)
+    assert "(elf)" in vm.log
     if software_kvm:
-        assert "kvm_pvm" in b.stderr and "clearcpuid=" in b.stderr  # workarounds applied and said
+        assert "kvm_pvm" in vm.log and "clearcpuid=" in vm.log  # workarounds applied and said
 
 
-def test_bzimage_in_guest_decompressor(boot: Callable[..., Boot], images: Path, software_kvm: bool) -> None:
-    b = boot("--kernel", str(images / "bzImage"), "--boot", "guest", "--initrd", str(images / "initrd.cpio.gz"),
-             "--memory", "256M")
-    _check_boot(b, software_kvm)
-    assert "(bzImage)" in b.stderr
+def test_bzimage_in_guest_decompressor(vm_factory: Callable[..., VM], images: Path, kvm: None,
+                                       software_kvm: bool) -> None:
+    vm = vm_factory(kernel=images / "bzImage", boot="guest", initrd=images / "initrd.cpio.gz", memory="256M",
+                    timeout=BOOT_TIMEOUT_S)
+    _check_boot(vm, software_kvm)
+    assert "(bzImage)" in vm.log

@@ -343,8 +343,13 @@ def write_boot_params(
     cmdline: bytes,
     initrd: tuple[int, int] | None,
     e820: Sequence[E820Entry],
+    *,
+    acpi_rsdp_addr: int = 0,
 ) -> None:
-    """Write the zero page at ``ZERO_PAGE_ADDR`` and the NUL-terminated command line at ``CMDLINE_ADDR``."""
+    """Write the zero page at ``ZERO_PAGE_ADDR`` and the NUL-terminated command line at ``CMDLINE_ADDR``.
+
+    ``acpi_rsdp_addr`` (boot protocol 2.14+, zero-page.rst) tells the kernel where the ACPI RSDP is, so it
+    need not scan the BIOS area; 0 = not given."""
     limit = min(CMDLINE_MAX - 1, kernel.cmdline_size)  # cmdline_size excludes the terminating NUL
     if len(cmdline) > limit:
         raise LoaderError(f"kernel command line is {len(cmdline)} bytes; the limit is {limit}")
@@ -379,6 +384,7 @@ def write_boot_params(
         addr, size = initrd
         hdr.ramdisk_image, bp.ext_ramdisk_image = addr & 0xFFFFFFFF, addr >> 32
         hdr.ramdisk_size, bp.ext_ramdisk_size = size & 0xFFFFFFFF, size >> 32
+    bp.acpi_rsdp_addr = acpi_rsdp_addr
     bp.e820_entries = len(e820)
     for slot, (addr, size, kind) in zip(bp.e820_table, e820, strict=False):
         slot.addr, slot.size, slot.type = addr, size, kind

@@ -189,19 +189,43 @@ def get_supported_cpuid(kvm_fd: int) -> list[x86.kvm_cpuid_entry2]:
         return [x86.kvm_cpuid_entry2.from_buffer_copy(arg.entries[i]) for i in range(nent)]
 
 
+# KVM paravirtual features, CPUID 0x40000001 EAX (Documentation/virt/kvm/x86/cpuid.rst).  The three
+# that Linux uses only with more than one CPU; on the software-emulating host KVM (host-kvm.md) a
+# two-vCPU guest stalls right after "Switched to clocksource kvm-clock" with them and boots without.
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_PV_TLB_FLUSH = 1 << 9
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_FEATURES_SMP_PV = KVM_FEATURE_PV_TLB_FLUSH | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD
+
+
 def guest_cpuid(
-    supported: list[x86.kvm_cpuid_entry2], cpu_index: int, cpu_count: int, *, hide_xsave: bool
+    supported: list[x86.kvm_cpuid_entry2], cpu_index: int, cpu_count: int, *, hide_xsave: bool,
+    hide_smp_pv: bool = False,
 ) -> list[x86.kvm_cpuid_entry2]:
     """The fix-ups every KVM VMM makes to the supported CPUID for one vCPU.
 
     Leaf 1: APIC id in EBX[31:24], logical-processor count in EBX[23:16], the hypervisor bit;
-    leaves 0xB/0x1F: x2APIC id in EDX; leaf 4: cores per package.  ``hide_xsave`` clears XSAVE and
-    everything that depends on it (AVX*), used on hosts that cannot emulate XSAVE.
+    leaves 0xB/0x1F: replaced by our topology (one package, ``cpu_count`` cores of one thread, APIC id =
+    vCPU index); leaf 4: cores per package; AMD leaves 0x80000008 (NC) and 0x8000001E (core id).
+    ``hide_xsave`` clears XSAVE and everything that depends on it (AVX*), used on hosts that cannot
+    emulate XSAVE; ``hide_smp_pv`` clears the SMP-only KVM PV features (PV IPIs, TLB flush, yield).
     """
     out = []
     for src in supported:
         e = x86.kvm_cpuid_entry2.from_buffer_copy(src)
-        if e.function == 1:
+        if e.function in (0xB, 0x1F):
+            if e.index == 0:
+                out += topology_leaf(e.function, cpu_index, cpu_count)
+            continue
+        if e.function == KVM_CPUID_FEATURES and hide_smp_pv:
+            e.eax &= ~KVM_FEATURES_SMP_PV
+        elif e.function == 0x80000008:
+            e.ecx = (e.ecx & ~0xFF) | (cpu_count - 1)  # NC: cores per package - 1 (AMD APM vol. 3, E.4.7)
+        elif e.function == 0x8000001E:
+            # AMD APM vol. 3 E.4.15: EAX extended APIC id, EBX[7:0] core id, EBX[15:8] threads per core - 1
+            e.eax, e.ebx, e.ecx = cpu_index, cpu_index & 0xFF, 0
+        elif e.function == 1:
             e.ebx = (e.ebx & 0x0000FFFF) | (cpu_index << 24) | (max(cpu_count, 1) << 16)
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             e.edx |= CPUID_1_EDX_HTT if cpu_count > 1 else 0
@@ -209,13 +233,33 @@ def guest_cpuid(
                 e.ecx &= ~(CPUID_1_ECX_XSAVE | CPUID_1_ECX_OSXSAVE | CPUID_1_ECX_AVX)
         elif e.function == 4:
             e.eax = (e.eax & 0x03FFFFFF) | ((cpu_count - 1) << 26)
-        elif e.function in (0xB, 0x1F):
-            e.edx = cpu_index
         elif e.function == 7 and e.index == 0 and hide_xsave:
             e.ebx &= ~(CPUID_7_EBX_AVX2 | CPUID_7_EBX_AVX512F)
         elif e.function == 0xD and hide_xsave:
             e.eax = e.ebx = e.ecx = e.edx = 0
         out.append(e)
+    return out
+
+
+# Leaf 0xB / 0x1F (SDM vol. 2A, CPUID "V2 Extended Topology Enumeration"): ECX[15:8] level type.
+TOPO_LEVEL_INVALID = 0
+TOPO_LEVEL_SMT = 1
+TOPO_LEVEL_CORE = 2
+
+
+def topology_leaf(function: int, cpu_index: int, cpu_count: int) -> list[x86.kvm_cpuid_entry2]:
+    """Subleaves of leaf 0xB/0x1F for one package of ``cpu_count`` single-thread cores.
+
+    Per level: EAX[4:0] = bits to shift the x2APIC id right to get the next level's id, EBX = logical
+    processors at this level, ECX = level number | type << 8, EDX = this CPU's x2APIC id.  Linux
+    (arch/x86/kernel/cpu/topology.c) walks the subleaves up to the first with type 0.
+    """
+    core_shift = max(cpu_count - 1, 0).bit_length()
+    levels = [(0, 1, TOPO_LEVEL_SMT), (core_shift, cpu_count, TOPO_LEVEL_CORE), (0, 0, TOPO_LEVEL_INVALID)]
+    out = []
+    for sub, (shift, count, kind) in enumerate(levels):
+        out.append(x86.kvm_cpuid_entry2(function=function, index=sub, flags=x86.KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                                        eax=shift, ebx=count, ecx=(kind << 8) | sub, edx=cpu_index))
     return out
 
 

@@ -24,6 +24,12 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000  # our limit; the kernel's own is setup_header.cmdline_size
 EBDA_START = 0x9FC00
 BIOS_AREA_START = 0xE0000  # MP table / RSDP live here (legacy search range 0xe0000-0xfffff)
+# ACPI tables (RSDP first: ACPI 6.5 5.2.5.1 wants it 16-byte aligned in 0xe0000-0xfffff) and the Intel
+# MP table (MP spec 1.4 4.0: the floating pointer in 0xf0000-0xfffff, which is where Linux looks).
+ACPI_TABLES_START = 0xE0000
+ACPI_TABLES_END = 0xF0000
+MPTABLE_START = 0xF0000
+BIOS_AREA_END = 0x100000
 HIMEM_START = 0x100000  # 1 MiB: where protected-mode kernels go
 
 # --- the 32-bit device hole and RAM above 4 GiB -----------------------------------------------------
@@ -35,10 +41,13 @@ HIGH_RAM_START = MMIO_HOLE_END
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_MMIO_MAX = 8
+# boot-timing page (pyvmm/devices/boottimer.py): right after the last virtio-mmio slot
+BOOT_TIMER_ADDR = VIRTIO_MMIO_BASE + VIRTIO_MMIO_MAX * VIRTIO_MMIO_SIZE
 
 # IOAPIC / LAPIC are at their architectural defaults; KVM's in-kernel irqchip models them there.
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
+IOAPIC_PINS = 24  # KVM_IOAPIC_NUM_PINS
 
 # --- I/O ports and IRQs --------------------------------------------------------------------------------
 COM1_PORT = 0x3F8
@@ -46,6 +55,10 @@ COM1_IRQ = 4
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 DEBUG_EXIT_PORT = 0x501  # firmware test guests write their result here
+# ACPI hardware-reduced sleep control/status registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG),
+# one byte each; a write of SLP_TYP=5 | SLP_EN powers the VM off.
+ACPI_SLEEP_CONTROL_PORT = 0x600
+ACPI_SLEEP_STATUS_PORT = 0x601
 # ISA IRQs free for virtio-mmio devices: edge-triggered, routed by KVM's default GSI table to both the
 # PIC and the IOAPIC.  0 timer, 1 keyboard, 2 cascade, 3/4 serial, 8 RTC, 13 FPU are taken.
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 14)

@@ -54,7 +54,9 @@ def setup_platform(vm: VmFd) -> list[str]:
 
 def setup_vcpu(vcpu: VcpuFd, supported_cpuid: list[x86.kvm_cpuid_entry2], cpu_count: int, *,
                entry: int, hide_xsave: bool) -> None:
-    cpu.set_cpuid(vcpu, cpu.guest_cpuid(supported_cpuid, vcpu.index, cpu_count, hide_xsave=hide_xsave))
+    # hide_xsave is set on a software-emulating host, which also needs the SMP PV features off
+    cpu.set_cpuid(vcpu, cpu.guest_cpuid(supported_cpuid, vcpu.index, cpu_count, hide_xsave=hide_xsave,
+                                        hide_smp_pv=hide_xsave))
     cpu.set_msrs(vcpu, cpu.boot_msrs())
     cpu.setup_lapic(vcpu)
     cpu.setup_fpu(vcpu)

@@ -183,7 +183,8 @@ class VirtioBlock(VirtioDevice):
             chain = queue.pop(mem)
             while chain is not None:
                 if trace is not None:
-                    trace(f"pop head={chain.head} r={chain.readable_len} w={chain.writable_len}")
+                    descs = ",".join(f"{d.length}{'w' if d.writable else 'r'}" for d in chain.descriptors)
+                    trace(f"pop head={chain.head} r={chain.readable_len} w={chain.writable_len} descs={descs}")
                 written = self._handle(chain, mem)
                 queue.push_used(mem, chain.head, written)
                 advanced = True
@@ -210,7 +211,7 @@ class VirtioBlock(VirtioDevice):
             rtype, _, sector = REQ_HEADER.unpack(_gather(mem, descs, 0, REQ_HEADER.size))
         trace = self.trace
         if trace is not None:
-            trace(f"req type={rtype} sector={sector} r={chain.readable_len} w={chain.writable_len}")
+            trace(_describe_request(chain, rtype, sector))
         try:
             if rtype == VIRTIO_BLK_T_IN:
                 status, data = self._read(mem, chain, sector)
@@ -237,7 +238,7 @@ class VirtioBlock(VirtioDevice):
             self._note_error(why, chain)
         mem.pack_into(_STATUS, status_addr, status)
         if self.trace is not None:
-            self.trace(f"io done head={chain.head} status={status} data={data}")
+            self.trace(f"io done head={chain.head} status={_STATUS_NAMES.get(status, status)} data={data}")
         return data + 1
 
     def _in_range(self, sector: int, length: int) -> bool:
@@ -301,6 +302,26 @@ class VirtioBlock(VirtioDevice):
         n = self.errors
         if n <= 8 or n & (n - 1) == 0:  # rate limit: a guest must not flood the log
             log.warning("virtio-blk: %s (head %d; %d request errors so far)", why, chain.head, n)
+
+
+_TYPE_NAMES = {
+    VIRTIO_BLK_T_IN: "IN(read)", VIRTIO_BLK_T_OUT: "OUT(write)", VIRTIO_BLK_T_FLUSH: "FLUSH",
+    VIRTIO_BLK_T_GET_ID: "GET_ID", VIRTIO_BLK_T_DISCARD: "DISCARD", VIRTIO_BLK_T_WRITE_ZEROES: "WRITE_ZEROES",
+}
+_STATUS_NAMES = {VIRTIO_BLK_S_OK: "OK", VIRTIO_BLK_S_IOERR: "IOERR", VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+
+
+def _describe_request(chain: DescriptorChain, rtype: int, sector: int) -> str:
+    """The trace event for a decoded request (only built when tracing is on)."""
+    name = _TYPE_NAMES.get(rtype, f"{rtype}(unknown)")
+    if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_GET_ID):
+        nbytes = max(chain.writable_len - 1, 0)  # data before the status byte
+    else:
+        nbytes = max(chain.readable_len - REQ_HEADER.size, 0)  # data after the header
+    if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+        return f"req head={chain.head} type=VIRTIO_BLK_T_{name} segments={nbytes // DWZ_SEGMENT.size}"
+    where = f" sector={sector}" if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) else ""
+    return f"req head={chain.head} type=VIRTIO_BLK_T_{name}{where} bytes={nbytes}"
 
 
 def _views(mem: GuestMemory, descs: list[Descriptor], skip: int, length: int) -> list[memoryview]:

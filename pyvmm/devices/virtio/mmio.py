@@ -248,7 +248,8 @@ class VirtioMmioTransport:
             self.queue_sel = value
         elif offset == REG_INTERRUPT_ACK:
             self.interrupt_status &= ~value
-            self._trace("ack")
+            if self.trace is not None:
+                self.trace(f"ack value={value:#x} status={self.interrupt_status:#x}")
         elif offset == REG_SHM_SEL:
             self.shm_sel = value
         else:
@@ -337,11 +338,14 @@ class VirtioMmioTransport:
             self._reset_registers()
 
     # -- queue notification and interrupts ---------------------------------------------------------
-    def notify(self, index: int) -> None:
-        """The driver notified queue ``index`` (QueueNotify write or its ioeventfd fired)."""
+    def notify(self, index: int, *, via: str | None = None) -> None:
+        """The driver notified queue ``index`` (QueueNotify write or its ioeventfd fired).
+
+        ``via`` names the path for the trace (the builder's ioeventfd handler says ``"ioeventfd"``).
+        """
         trace = self.trace
         if trace is not None:
-            trace(f"notify q={index}")
+            trace(f"notify q={index} via={via}" if via else f"notify q={index}")
         with self._process_lock:
             with self._lock:
                 if (
@@ -359,6 +363,8 @@ class VirtioMmioTransport:
                 return
         if wanted:
             self.signal_used_buffer()
+        elif advanced and trace is not None:
+            trace("irq suppressed")
 
     def signal_used_buffer(self) -> None:
         with self._lock:

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Boot time, pyvmm side by side with QEMU-KVM (-M microvm), on a KVM that runs guest user space.
+
+For each configuration (the default guest's kernel with its initramfs, and with its ext4 root disk on
+virtio-blk) and each VMM, the same kernel, initrd and disk are booted REPS times; measured from process
+start to the guest's ``PYVMM-INIT: start`` line on the console, and to the process exit (the guest's
+``reboot -f``: pyvmm ends on the i8042 reset, QEMU with ``reboot=t`` + ``-no-reboot`` on the triple fault;
+microvm without ACPI cannot power off).  Prints a table; not a pass/fail test.
+
+On a software-KVM host (host-kvm.md) it re-runs itself inside the KVM lab (``pyvmm.lab``): ``make
+bench-lab``.  Usage: ``python bench/lab_boot.py [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyvmm.arch.x86_64 import hostkvm  # noqa: E402
+from pyvmm.lab import LabOptions, in_lab, run, unavailable_reason  # noqa: E402
+
+IMAGES = ROOT / "images" / "out"
+MARK = b"PYVMM-INIT: start"
+BOOT_TIMEOUT_S = 300.0
+BASE_CMDLINE = "console=ttyS0 panic=-1 8250.nr_uarts=1 pci=off"
+
+
+@dataclass
+class Sample:
+    to_init: float | None
+    to_end: float
+    status: int
+
+
+def measure(cmd: list[str]) -> Sample:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen = b""
+    to_init = None
+    while True:
+        left = t0 + BOOT_TIMEOUT_S - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        if to_init is None:
+            seen = seen[-64:] + data
+            if MARK in seen:
+                to_init = time.monotonic() - t0
+    status = proc.wait()
+    return Sample(to_init, time.monotonic() - t0, status)
+
+
+def pyvmm_cmd(initrd: Path | None, disk: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pyvmm", "run", "-q", "--console", "stdio", "--memory", "256M",
+           "--kernel", str(IMAGES / "vmlinux")]
+    if initrd:
+        return [*cmd, "--initrd", str(initrd), "--cmdline", f"{BASE_CMDLINE} reboot=k"]
+    return [*cmd, "--disk", f"path={disk}", "--cmdline", f"{BASE_CMDLINE} reboot=k root=/dev/vda rw init=/init"]
+
+
+def qemu_cmd(initrd: Path | None, disk: Path | None) -> list[str]:
+    cmd = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-smp", "1",
+           "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+           "-serial", "stdio", "-kernel", str(IMAGES / "vmlinux")]
+    if initrd:
+        return [*cmd, "-initrd", str(initrd), "-append", f"{BASE_CMDLINE} reboot=t"]
+    return [*cmd, "-drive", f"id=vda,file={disk},format=raw,if=none", "-device", "virtio-blk-device,drive=vda",
+            "-append", f"{BASE_CMDLINE} reboot=t root=/dev/vda rw init=/init"]
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def bench(reps: int) -> int:
+    missing = [n for n in ("vmlinux", "initrd.cpio.gz", "rootfs.ext4") if not (IMAGES / n).is_file()]
+    if missing:
+        print(f"images/out lacks {', '.join(missing)}: run `make images`", file=sys.stderr)
+        return 2
+    vmms = {"pyvmm": pyvmm_cmd}
+    if shutil.which("qemu-system-x86_64"):
+        vmms["QEMU-KVM microvm"] = qemu_cmd
+    else:
+        print("qemu-system-x86_64 is not installed: pyvmm only", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
+        for config in ("initrd", "root disk"):
+            for name, make in vmms.items():
+                samples = []
+                for i in range(reps):
+                    disk = Path(tmp) / "rootfs.ext4"
+                    shutil.copyfile(IMAGES / "rootfs.ext4", disk)
+                    initrd = IMAGES / "initrd.cpio.gz" if config == "initrd" else None
+                    s = measure(make(initrd, None if initrd else disk))
+                    print(f"  {name:18} {config:10} run {i + 1}: /init {s.to_init if s.to_init is None else round(s.to_init, 2)} s, "
+                          f"end {s.to_end:.2f} s, exit {s.status}", file=sys.stderr, flush=True)
+                    samples.append(s)
+                rows.append((name, config, samples))
+    where = "inside the KVM lab (QEMU TCG, nested SVM KVM)" if in_lab() else "on this host's KVM"
+    print(f"\nBoot time {where}, {reps} run(s) each: median (min-max) seconds from process start\n")
+    print("| VMM | boot | to /init marker | to guest end | exit status |")
+    print("|---|---|---|---|---|")
+    for name, config, samples in rows:
+        inits = [s.to_init for s in samples if s.to_init is not None]
+        statuses = ",".join(sorted({str(s.status) for s in samples}))
+        missed = f" ({len(samples) - len(inits)} never)" if len(inits) < len(samples) else ""
+        print(f"| {name} | {config} | {fmt(inits)}{missed} | {fmt([s.to_end for s in samples])} | {statuses} |")
+    print("\nkernel images/out/vmlinux (ELF; pyvmm loads it, QEMU boots its PVH entry), initrd "
+          "images/out/initrd.cpio.gz, disk: a fresh copy of images/out/rootfs.ext4 per run")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="boots per VMM and configuration (default: 3)")
+    args = parser.parse_args()
+    if in_lab() or not hostkvm.detect().software:
+        return bench(args.reps)
+    reason = unavailable_reason()
+    if reason:
+        print(f"this host's KVM cannot run guest user space, and the KVM lab cannot start: {reason}",
+              file=sys.stderr)
+        return 2
+    print("host KVM is software (kvm_pvm): running the benchmark inside the KVM lab", file=sys.stderr)
+    result = run(LabOptions(command=[sys.executable, str(Path(__file__).resolve()), "--reps", str(args.reps)],
+                            cwd=ROOT, timeout=1800))
+    boot = f"{result.boot_s:.1f} s" if result.boot_s is not None else "?"
+    print(f"\nlab: start {boot}, whole run {result.total_s:.1f} s, exit status {result.status} {result.reason}")
+    return result.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

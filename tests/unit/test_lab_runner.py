@@ -1,0 +1,97 @@
+"""pyvmm.lab without starting QEMU: the console filter, the QEMU command line, the run script, and the
+messages when the lab cannot start."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyvmm.lab import runner
+from pyvmm.lab.__main__ import _writable_disk_dirs
+from pyvmm.lab.runner import ConsoleFilter, LabError, LabOptions
+
+CONSOLE = (b"[    0.1] boot noise\r\nqemu: warning\r\nPYVMM-LAB: start 1.25\r\nline one\r\n"
+           b"partial PYVMM-LAB without marker\r\nno newline at the end PYVMM-LAB: exit 3 4.5\r\n"
+           b"[    4.6] reboot: Restarting system\r\n")
+COMMAND_OUTPUT = b"line one\npartial PYVMM-LAB without marker\nno newline at the end "
+
+
+def _filter(chunks: list[bytes]) -> tuple[bytes, ConsoleFilter]:
+    out = bytearray()
+    f = ConsoleFilter(out.extend)
+    for c in chunks:
+        f.feed(c)
+    f.finish()
+    return bytes(out), f
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 11, len(CONSOLE)])
+def test_console_filter_shows_only_the_command_output(size: int) -> None:
+    out, f = _filter([CONSOLE[i : i + size] for i in range(0, len(CONSOLE), size)])
+    assert out == COMMAND_OUTPUT
+    assert [m for _, m in f.marks] == [b"PYVMM-LAB: start 1.25", b"PYVMM-LAB: exit 3 4.5"]
+    assert b"boot noise" in f.boot_log and b"Restarting system" in f.boot_log
+    assert f.state == "done"
+
+
+def test_console_filter_keeps_everything_when_the_lab_never_starts() -> None:
+    out, f = _filter([b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n", b"no newline"])
+    assert out == b""
+    assert f.boot_log.endswith(b"no newline") and b"Kernel panic" in f.boot_log
+    assert f.marks == []
+
+
+def test_qemu_command_is_the_measured_lab(tmp_path: Path) -> None:
+    cmd = runner.qemu_command(Path("/k/lab-bzImage"), tmp_path, [Path("/srv/disks")], memory="3G",
+                              interactive=False, verbose=False)
+    joined = " ".join(cmd)
+    for piece in ("-M microvm,acpi=off", "-accel tcg", "-cpu EPYC,+svm,+npt", "-smp 1", "-no-reboot",
+                  "readonly=on", "mount_tag=host", "mount_tag=scratch", "mount_tag=rw0", "-serial stdio"):
+        assert piece in joined
+    append = cmd[cmd.index("-append") + 1].split()
+    assert "reboot=t" in append and "root=host" in append and "rootfstype=9p" in append and "ro" in append
+    assert f"PYVMM_LAB_SCRATCH={tmp_path}" in append and "PYVMM_LAB_MOUNTS=rw0:/srv/disks" in append
+    assert f"init={runner.INIT_SCRIPT}" in append
+    assert "--" not in append  # QEMU appends virtio_mmio.device= after it: they must stay kernel parameters
+    interactive = runner.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=True, verbose=True)
+    assert "stdio,id=con,signal=off" in interactive and "quiet" not in " ".join(interactive)
+
+
+def test_paths_for_the_kernel_command_line_must_be_plain(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="absolute path"):
+        runner.qemu_command(Path("/k"), tmp_path / "with space", [], memory="1G", interactive=False,
+                            verbose=False)
+
+
+def test_run_script_quotes_arguments_and_environment(tmp_path: Path) -> None:
+    script = runner._run_script(["/usr/bin/printf", "%s|", "a b", "$HOME", "it's"], tmp_path,
+                                {"LAB_X": "x y 'z'", "PWD": "/nowhere", "bad-name": "1"}, None)
+    assert "PWD" not in script and "bad-name" not in script
+    (tmp_path / "run.sh").write_text(script.replace("exec ", "printf '%s|' \"$LAB_X\" \"$(pwd)\"; exec "))
+    out = subprocess.run(["/bin/sh", str(tmp_path / "run.sh")], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"}).stdout
+    assert out == f"x y 'z'|{tmp_path}|a b|$HOME|it's|"
+
+
+def test_lab_unavailable_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "no-lab-bzImage"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert "apt-get install qemu-system-x86" in (runner.unavailable_reason(missing) or "")
+    fake_qemu = tmp_path / runner.QEMU
+    fake_qemu.write_text("#!/bin/sh\n")
+    fake_qemu.chmod(0o755)
+    assert "images/lab.py" in (runner.unavailable_reason(missing) or "")
+    with pytest.raises(LabError, match="lab kernel"):
+        runner.run(LabOptions(command=["true"], kernel=missing))
+    missing.write_bytes(b"")
+    assert runner.unavailable_reason(missing) is None
+    with pytest.raises(LabError, match="command not found"):
+        runner.run(LabOptions(command=["no-such-command-here"], kernel=missing))
+
+
+def test_writable_disks_are_shared() -> None:
+    args = ["--kernel", "/k", "--disk", "path=/a/root.ext4", "--disk", "path=/b/data.img,readonly=on",
+            "--disk=path=/c/x.img,serial=s", "--memory", "1G"]
+    assert _writable_disk_dirs(args) == [Path("/a"), Path("/c")]
