@@ -30,6 +30,7 @@ from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
 from pyvmm.interrupt import EventFd, EventFdIrq
+from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
@@ -184,6 +185,10 @@ def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop:
     """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window, irqfd, an ioeventfd per
     queue on QueueNotify (datamatch = queue index), and the ``virtio_mmio.device=`` argument."""
     seen: dict[tuple[int, int], str] = {}
+    # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
+    use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and not os.environ.get("PYVMM_NO_IOEVENTFD")
+    if config.disks and not use_ioeventfd:
+        report.notes.append("ioeventfd unavailable: virtqueue notifications are handled as MMIO exits")
     tracer: Tracer | None = None
     if config.trace and config.disks:  # off by default: then no hook exists at all (zero cost)
         tracer = Tracer.open(config.trace, config.trace_file)
@@ -209,7 +214,7 @@ def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop:
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
         transport = VirtioMmioTransport(device, mem, _irqfd(vm, stack, irq), trace=trace)
         mmio.add(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{index}")
-        for q in range(len(device.queue_max_sizes)):
+        for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
             efd = EventFd()
             stack.callback(efd.close)
             vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)

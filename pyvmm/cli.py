@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(settings: RunSettings) -> int:
     from pyvmm.runner import run_vm  # imports KVM bits only when running
 
+    # The guest must not reach anything the caller happened to leave open: close inherited fds.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1024)
     try:
         return int(run_vm(settings.vm_config(), quiet=settings.quiet))
     except VmmError as err:

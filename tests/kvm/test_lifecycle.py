@@ -125,3 +125,22 @@ def test_interactive_terminal_escape_and_restore(kvm: None, echo_kernel: Path) -
         assert child.match.group(1) == before  # the terminal is as it was
     finally:
         child.close(force=True)
+
+
+def test_inherited_descriptors_are_closed(kvm: None, echo_kernel: Path, tmp_path: Path) -> None:
+    """A descriptor the caller leaves open does not stay open in the VMM the guest talks to."""
+    secret = tmp_path / "secret"
+    secret.write_text("host-only")
+    fd = os.open(secret, os.O_RDONLY)  # inheritable, as a careless parent might leave it
+    os.set_inheritable(fd, True)
+    proc = subprocess.Popen(_cmd(echo_kernel, "--timeout", "30"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, pass_fds=(fd,))
+    try:
+        _wait_for(proc, b"READY")
+        targets = [os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")]
+        assert str(secret) not in targets
+        proc.terminate()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        os.close(fd)
