@@ -16,7 +16,7 @@ MEMORY ?= 512M
 RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
             --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
 
-.PHONY: all run test check images lab-images bench bench-lab firmware docs deps venv clean help
+.PHONY: all run test check images lab-images debian-images bench bench-lab firmware docs deps venv clean help
 
 help:
 	@echo "make run       boot the default guest (installs deps, builds images first)"
@@ -64,7 +64,13 @@ run: deps venv images
 	@if $(SOFTWARE_KVM); then $(MAKE) -s lab-images; fi
 	$(PY) -m pyvmm.lab guest -- $(RUN_ARGS)
 
-test: deps venv images lab-images firmware
+# Debian's stock cloud kernel + an initramfs with its virtio modules (the ACPI discovery test).
+DEBIAN_GUEST := images/out/debian-acpi/vmlinuz
+$(DEBIAN_GUEST):
+	$(PY) images/debian_acpi.py
+debian-images: venv $(DEBIAN_GUEST)
+
+test: deps venv images lab-images debian-images firmware
 	PYVMM_HYPOTHESIS_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md): tables on stdout, JSON in bench/out/.  BENCH_ARGS=--quick skips the boot.
