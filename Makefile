@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # property-test examples per test (3 tests): >= 10,000 in all for make test; raise it for a long fuzz run
-FUZZ_EXAMPLES ?= 3400
+FUZZ_EXAMPLES ?= 3600
 
 # The default guest: the minimal kernel from images/ with its ext4 root disk on virtio-blk (vda).
 KERNEL ?= images/out/vmlinux

@@ -27,7 +27,16 @@ B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
-for m in virtio virtio_ring virtio_mmio virtio_blk; do $B insmod /lib/modules/$m.ko; done
+# Load in dependency order whatever that order is in this kernel build (virtio_ring and virtio
+# need each other's symbols differently across Debian's 6.1 updates): retry until all are in.
+for pass in 1 2 3 4; do
+  for m in virtio_ring virtio virtio_mmio virtio_blk; do
+    [ -d /sys/module/$m ] || $B insmod /lib/modules/$m.ko 2>/dev/null
+  done
+done
+for m in virtio_ring virtio virtio_mmio virtio_blk; do
+  [ -d /sys/module/$m ] || echo "PYVMM-DEB: module $m did not load"
+done
 $B sleep 2
 echo "PYVMM-DEB: platform devices: $($B ls /sys/bus/platform/devices | $B tr '\\n' ' ')"
 echo "PYVMM-DEB: cpus online: $($B cat /sys/devices/system/cpu/online)"

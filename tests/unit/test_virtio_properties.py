@@ -47,6 +47,9 @@ SECTORS = 64
 QBASE = 0x1000
 SLOT = 1024
 NSLOTS = 8
+# Room for every buffer of the longest request list (2*QSIZE requests of up to ~2.2 KiB) without the
+# DriverQueue's allocator wrapping over buffers still in flight.
+DATA_SIZE = 64 << 10
 DESC = struct.Struct("<QIHH")
 HDR = struct.Struct("<IIQ")
 SEG = struct.Struct("<QII")
@@ -70,7 +73,7 @@ class Rig:
         self.dev = b.VirtioBlock(disk, serial="prop", queue_size=QSIZE)
         self.irq = CountingIrq()
         self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq)
-        self.q = DriverQueue(self.mem, QBASE, QSIZE, data_size=NSLOTS * SLOT)
+        self.q = DriverQueue(self.mem, QBASE, QSIZE, data_size=DATA_SIZE)
         self.features = setup_device(self.t, [self.q], mask=~features_off)
 
     def slot(self, k: int) -> int:
@@ -80,7 +83,7 @@ class Rig:
 # -- strategy: arbitrary ring contents ---------------------------------------------------------------
 def _layout() -> tuple[int, int]:
     mem = GuestMemory.single(MEM_SIZE)
-    q = DriverQueue(mem, QBASE, QSIZE, data_size=NSLOTS * SLOT)
+    q = DriverQueue(mem, QBASE, QSIZE, data_size=DATA_SIZE)
     mem.close()
     return q.data_base, q.used_addr
 
@@ -341,7 +344,7 @@ def test_register_sequences_never_raise(
     if rig is None:
         mem = GuestMemory.single(MEM_SIZE)
         t = m.VirtioMmioTransport(b.VirtioBlock(disk, queue_size=QSIZE), mem, CountingIrq())
-        DriverQueue(mem, QBASE, QSIZE, data_size=NSLOTS * SLOT)
+        DriverQueue(mem, QBASE, QSIZE, data_size=DATA_SIZE)
     else:
         mem, t = rig.mem, rig.t
         rig.q.add_chain([(HDR.pack(0, 0, 1), False), (512, True), (1, True)])
