@@ -27,7 +27,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from pyvmm.arch.x86_64.pagewalk import PagingMode, read_linear, write_linear
+from pyvmm.arch.x86_64.pagewalk import EFER_LMA, PagingMode, read_linear, write_linear
 from pyvmm.errors import GuestMemoryError
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.vcpu import VcpuFd
@@ -92,7 +92,7 @@ class EmulationAssist:
         vcpu.get("KVM_GET_REGS", x86.KVM_GET_REGS, regs)
         vcpu.get("KVM_GET_SREGS", x86.KVM_GET_SREGS, sregs)
         mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
-        long_mode = bool(sregs.efer & (1 << 10)) and bool(sregs.cs.l)
+        long_mode = bool(sregs.efer & EFER_LMA) and bool(sregs.cs.l)
         rip_linear = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
         try:
             insn = self._fetch(mode, rip_linear)

@@ -15,8 +15,8 @@ the kernel's 64-bit entry ``startup_64`` that only reads the fields a loader wri
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64.layout import (
     CMDLINE_ADDR,
@@ -27,6 +27,7 @@ from pyvmm.arch.x86_64.layout import (
     MiB,
 )
 from pyvmm.errors import LoaderError
+from pyvmm.kvm.abi import checked
 
 if TYPE_CHECKING:  # only for annotations: the loader imports this module for setup_header
     from pyvmm.loader import LoadedKernel
@@ -75,20 +76,6 @@ EDD_MBR_SIG_MAX = 16
 EDDMAXNR = 6
 EDDPARMSIZE = 74
 
-_S = TypeVar("_S", bound=type[ctypes.Structure])
-
-
-def _sized(size: int) -> Callable[[_S], _S]:
-    """Class decorator: fail at import if the struct's size differs from the C header's."""
-
-    def check(cls: _S) -> _S:
-        if ctypes.sizeof(cls) != size:
-            raise TypeError(f"{cls.__name__}: sizeof is {ctypes.sizeof(cls)}, the header says {size}")
-        return cls
-
-    return check
-
-
 class _Packed(ctypes.LittleEndianStructure):
     """Base of the packed boot-protocol structs; ``__slots__`` makes a misspelled field raise."""
 
@@ -97,7 +84,7 @@ class _Packed(ctypes.LittleEndianStructure):
 
 
 # --- nested structs of boot_params --------------------------------------------------------------------
-@_sized(0x40)
+@checked(0x40)
 class screen_info(_Packed):  # linux/screen_info.h
     __slots__ = ()
     _fields_ = [
@@ -140,7 +127,7 @@ class screen_info(_Packed):  # linux/screen_info.h
     ]
 
 
-@_sized(0x14)
+@checked(0x14)
 class apm_bios_info(_Packed):  # linux/apm_bios.h (naturally aligned, no padding: same packed)
     __slots__ = ()
     _fields_ = [
@@ -156,7 +143,7 @@ class apm_bios_info(_Packed):  # linux/apm_bios.h (naturally aligned, no padding
     ]
 
 
-@_sized(0x10)
+@checked(0x10)
 class ist_info(_Packed):  # asm/ist.h
     __slots__ = ()
     _fields_ = [
@@ -167,13 +154,13 @@ class ist_info(_Packed):  # asm/ist.h
     ]
 
 
-@_sized(0x10)
+@checked(0x10)
 class sys_desc_table(_Packed):  # asm/bootparam.h
     __slots__ = ()
     _fields_ = [("length", ctypes.c_uint16), ("table", ctypes.c_uint8 * 14)]
 
 
-@_sized(0x10)
+@checked(0x10)
 class olpc_ofw_header(_Packed):  # asm/bootparam.h
     __slots__ = ()
     _fields_ = [
@@ -184,13 +171,13 @@ class olpc_ofw_header(_Packed):  # asm/bootparam.h
     ]
 
 
-@_sized(0x80)
+@checked(0x80)
 class edid_info(_Packed):  # video/edid.h
     __slots__ = ()
     _fields_ = [("dummy", ctypes.c_uint8 * 128)]
 
 
-@_sized(0x20)
+@checked(0x20)
 class efi_info(_Packed):  # asm/bootparam.h
     __slots__ = ()
     _fields_ = [
@@ -205,7 +192,7 @@ class efi_info(_Packed):  # asm/bootparam.h
     ]
 
 
-@_sized(8 + EDDPARMSIZE)
+@checked(8 + EDDPARMSIZE)
 class edd_info(_Packed):  # linux/edd.h; edd_device_params (74 bytes of BIOS unions) kept opaque
     __slots__ = ()
     _fields_ = [
@@ -219,7 +206,7 @@ class edd_info(_Packed):  # linux/edd.h; edd_device_params (74 bytes of BIOS uni
     ]
 
 
-@_sized(0x26C - SETUP_HEADER_OFFSET)
+@checked(0x26C - SETUP_HEADER_OFFSET)
 class setup_header(_Packed):  # asm/bootparam.h; boot.rst "The Real-Mode Kernel Header"
     __slots__ = ()
     _fields_ = [
@@ -265,13 +252,13 @@ class setup_header(_Packed):  # asm/bootparam.h; boot.rst "The Real-Mode Kernel 
     ]
 
 
-@_sized(20)
+@checked(20)
 class boot_e820_entry(_Packed):  # asm/bootparam.h
     __slots__ = ()
     _fields_ = [("addr", ctypes.c_uint64), ("size", ctypes.c_uint64), ("type", ctypes.c_uint32)]
 
 
-@_sized(4096)
+@checked(4096)
 class boot_params(_Packed):  # asm/bootparam.h "The so-called zeropage"
     __slots__ = ()
     _fields_ = [

@@ -12,6 +12,9 @@ import struct
 import numpy as np
 
 from pyvmm.arch.x86_64 import layout
+from pyvmm.arch.x86_64.pagewalk import CR0_PG, CR4_PAE, EFER_LMA
+from pyvmm.arch.x86_64.pagewalk import PAGE_SIZE_BIT as PTE_PS
+from pyvmm.arch.x86_64.pagewalk import PRESENT as PTE_PRESENT
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.ioctl import ioctl
@@ -25,19 +28,13 @@ CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_WP = 1 << 16
 CR0_AM = 1 << 18
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_LA57 = 1 << 12
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
 RFLAGS_RESERVED1 = 1 << 1
 RFLAGS_AC = 1 << 18
 
 # page-table entry bits (SDM vol. 3, 4.5)
-PTE_PRESENT = 1 << 0
 PTE_RW = 1 << 1
-PTE_PS = 1 << 7
 
 # --- GDT (boot.rst: __BOOT_CS 0x10, __BOOT_DS 0x18) -------------------------------------------------------
 BOOT_CS = 0x10

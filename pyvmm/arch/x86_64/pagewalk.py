@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
 
+# Control-register and page-table bits (SDM vol. 3, 2.5 and 4.5); cpu.py uses these too.
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
