@@ -93,7 +93,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     report.host = host.reason
 
     # Guest RAM first, so it is released last (after the VM that maps it).
-    mem = GuestMemory(layout.ram_layout(config.memory))
+    ram = layout.ram_layout(config.memory)  # [(gpa, size)] around the device hole
+    mem = GuestMemory(ram)
     stack.callback(mem.close)
 
     kvm = Kvm()
@@ -108,7 +109,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     # The kernel, its initrd and the boot parameters.
     kernel = load_kernel(mem, config.kernel, boot=config.boot)  # type: ignore[arg-type]
     report.kernel_format = kernel.format
-    initrd = load_initrd(mem, config.initrd, kernel, [(r.gpa, r.size) for r in mem.regions]) if config.initrd else None
+    initrd = load_initrd(mem, config.initrd, kernel, ram) if config.initrd else None
     cmdline = Cmdline(min(layout.CMDLINE_MAX - 1, kernel.cmdline_size))
     cmdline.extend(config.cmdline)
     for key, value in DEFAULT_ARGS:
@@ -157,7 +158,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
         for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
     acpi = acpi_tables.write(mem, config.cpus, virtio)
     mptable.write(mem, config.cpus)
-    write_boot_params(mem, kernel, str(cmdline).encode(), initrd, build_e820([(r.gpa, r.size) for r in mem.regions]),
+    write_boot_params(mem, kernel, report.cmdline.encode(), initrd, build_e820(ram),
                       acpi_rsdp_addr=acpi.rsdp_addr)
     machine.write_boot_tables(mem)
 
