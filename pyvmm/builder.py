@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -88,7 +89,46 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
     return vmm, report
 
 
+def host_arch() -> str:
+    """The architecture pyvmm builds machines for: the host's own (KVM runs guests of its own kind)."""
+    return platform.machine()
+
+
 def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
+    arch = host_arch()
+    if arch == "aarch64":
+        from pyvmm.builder_aarch64 import build as build_aarch64  # imported here: it imports this module
+
+        return build_aarch64(config, stack, report, console_fd)
+    if arch != "x86_64":
+        raise ConfigError(f"pyvmm builds x86_64 and aarch64 machines; this host is {arch}")
+    return _build_x86_64(config, stack, report, console_fd)
+
+
+def make_stopper(vmm_ref: list[Vmm]) -> Callable[[ExitStatus, str], None]:
+    def stop(status: ExitStatus, reason: str) -> None:
+        if vmm_ref:
+            vmm_ref[0].request_stop(status, reason)
+
+    return stop
+
+
+def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int | None,
+                 stop: Callable[[ExitStatus, str], None]) -> ConsoleOutput:
+    """The guest console sink; with ``exit_on_panic`` a kernel panic line stops the VM shortly after."""
+    fd = _console_fd(config, stack) if console_fd == -1 else console_fd
+
+    def on_panic(line: str) -> None:
+        # Let the rest of the panic report reach the console, then stop.
+        t = threading.Timer(PANIC_GRACE_S, stop, (ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
+        t.daemon = True
+        t.start()
+
+    return ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
+
+
+def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
+                  console_fd: int | None) -> Vmm:
     host = hostkvm.resolve(config.workarounds)
     report.host = host.reason
 
@@ -124,20 +164,9 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
     mmio = Bus("mmio")
     vmm_ref: list[Vmm] = []
-
-    def stop(status: ExitStatus, reason: str) -> None:
-        if vmm_ref:
-            vmm_ref[0].request_stop(status, reason)
-
-    fd = _console_fd(config, stack) if console_fd == -1 else console_fd
-    def on_panic(line: str) -> None:
-        # Let the rest of the panic report reach the console, then stop.
-        t = threading.Timer(PANIC_GRACE_S, stop, (ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
-        t.daemon = True
-        t.start()
-
-    console = ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
-    serial_irq = _irqfd(vm, stack, layout.COM1_IRQ)
+    stop = make_stopper(vmm_ref)
+    console = make_console(config, stack, console_fd, stop)
+    serial_irq = irqfd(vm, stack, layout.COM1_IRQ)
     serial = Serial16550(serial_irq, console)
     pio.add(layout.COM1_PORT, 8, serial, "com1")
     pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
@@ -148,7 +177,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     boot_timer = BootTimer()
     mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
 
-    _attach_disks(config, vm, mem, mmio, loop, stack, cmdline, report)
+    attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
+                 window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None)
     report.cmdline = str(cmdline)
     # Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables, always
     # (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the MADT).
@@ -181,10 +211,12 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     return vmm
 
 
-def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
-                  stack: contextlib.ExitStack, cmdline: Cmdline, report: BuildReport) -> None:
-    """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window, irqfd, an ioeventfd per
-    queue on QueueNotify (datamatch = queue index), and the ``virtio_mmio.device=`` argument."""
+def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
+                 stack: contextlib.ExitStack, report: BuildReport, *, slot: Callable[[int], tuple[int, int]],
+                 window: int, cmdline: Cmdline | None) -> None:
+    """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window and interrupt from ``slot(index)``
+    (the irqfd GSI: an IOAPIC pin on x86, an SPI number on arm64), an ioeventfd per queue on QueueNotify
+    (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument."""
     seen: dict[tuple[int, int], str] = {}
     # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
     use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and not os.environ.get("PYVMM_NO_IOEVENTFD")
@@ -206,22 +238,22 @@ def _attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop:
         except FileNotFoundError:
             pass  # the device reports a missing image in its own words
         try:
-            base, irq = layout.virtio_mmio_slot(index)
+            base, irq = slot(index)
         except ValueError as err:
             raise ConfigError(f"too many disks: {err}") from None
         device = VirtioBlock.from_config(disk_cfg)
         stack.callback(device.close)
         name = f"vd{chr(ord('a') + index)}"
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
-        transport = VirtioMmioTransport(device, mem, _irqfd(vm, stack, irq), trace=trace)
-        mmio.add(base, layout.VIRTIO_MMIO_SIZE, transport, f"virtio-blk{index}")
+        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq), trace=trace)
+        mmio.add(base, window, transport, f"virtio-blk{index}")
         for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
             efd = EventFd()
             stack.callback(efd.close)
             vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)
             loop.add(efd.fd, _notifier(efd, transport, q))
-        if config.devices_via != "acpi":
-            cmdline.add("virtio_mmio.device", f"{layout.VIRTIO_MMIO_SIZE >> 10}K@{base:#x}:{irq}")
+        if cmdline is not None:
+            cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
         report.notes.append(f"{name}: {disk_cfg.path}"
                             f"{' (read-only)' if disk_cfg.readonly else ''} at {base:#x} irq {irq}")
 
@@ -234,7 +266,7 @@ def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Calla
     return on_notify
 
 
-def _irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int) -> EventFdIrq:
+def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int) -> EventFdIrq:
     efd = EventFd()
     stack.callback(efd.close)
     vm.irqfd(efd.fd, gsi)

@@ -85,6 +85,8 @@ KVM_CAP_IOEVENTFD = 36
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_SPLIT_IRQCHIP = 121
+KVM_CAP_ONE_REG = 70
+KVM_CAP_DEVICE_CTRL = 89
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
@@ -144,6 +146,24 @@ class kvm_enable_cap_args(AbiStruct):  # helper only; kvm_enable_cap below embed
 class kvm_enable_cap(AbiStruct):
     __slots__ = ()
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+@checked(16)
+class kvm_one_reg(AbiStruct):  # KVM_GET/SET_ONE_REG: addr points at the value (its size is in the id)
+    __slots__ = ()
+    _fields_ = [("id", u64), ("addr", u64)]
+
+
+@checked(12)
+class kvm_create_device(AbiStruct):  # KVM_CREATE_DEVICE (kvm.h "Device control API")
+    __slots__ = ()
+    _fields_ = [("type", u32), ("fd", u32), ("flags", u32)]
+
+
+@checked(24)
+class kvm_device_attr(AbiStruct):  # KVM_SET/GET/HAS_DEVICE_ATTR on a device fd; addr points at the value
+    __slots__ = ()
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
 
 
 # --- struct kvm_run (kvm.h), mapped from the vCPU fd ----------------------------------------------------
@@ -226,6 +246,12 @@ KVM_IRQFD = iow(KVMIO, 0x76, kvm_irqfd)
 KVM_IOEVENTFD = iow(KVMIO, 0x79, kvm_ioeventfd)
 KVM_RUN = io(KVMIO, 0x80)
 KVM_ENABLE_CAP = iow(KVMIO, 0xA3, kvm_enable_cap)
+KVM_GET_ONE_REG = iow(KVMIO, 0xAB, kvm_one_reg)
+KVM_SET_ONE_REG = iow(KVMIO, 0xAC, kvm_one_reg)
+KVM_CREATE_DEVICE = iowr(KVMIO, 0xE0, kvm_create_device)
+KVM_SET_DEVICE_ATTR = iow(KVMIO, 0xE1, kvm_device_attr)
+KVM_GET_DEVICE_ATTR = iow(KVMIO, 0xE2, kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = iow(KVMIO, 0xE3, kvm_device_attr)
 
 __all__ = [name for name in globals() if name.isupper() or name.startswith("kvm_")]
 __all__ += ["AbiStruct", "AbiUnion", "checked", "iowr"]

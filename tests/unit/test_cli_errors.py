@@ -41,12 +41,32 @@ def _bzimage_header(version: int, payload: bytes = b"", xlf64: bool = True) -> b
     return bytes(img) + payload
 
 
+def _corrupt_bzimage(fmt: str) -> bytes:
+    """A bzImage whose compressed payload has 16 bytes overwritten in the middle."""
+    from pyvmm.testing.kernels import compress, make_bzimage, make_elf
+
+    payload = bytearray(compress(fmt, make_elf([(0x1000000, b"\xf4" * 4096, 0x2000)], 0x1000000)))
+    payload[len(payload) // 2 : len(payload) // 2 + 16] = b"\xaa" * 16
+    return make_bzimage(bytes(payload))
+
+
+def _arm64_image() -> bytes:
+    """An arm64 Image header (booting.rst): image_size 1 MiB, magic "ARM\\x64" at byte 56."""
+    img = bytearray(4096)
+    img[16:24] = (1 << 20).to_bytes(8, "little")
+    img[56:60] = b"ARM\x64"
+    return bytes(img)
+
+
 CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("missing kernel", lambda t: ["--kernel", str(t / "nope")], "no such file"),
     ("kernel is a directory", lambda t: ["--kernel", str(t)], "directory"),
     ("empty kernel", lambda t: ["--kernel", str(_write(t, "k", b""))], "empty"),
     ("not a kernel", lambda t: ["--kernel", str(_write(t, "k", b"hello world" * 100))], "not a Linux kernel"),
     ("arm64 ELF", lambda t: ["--kernel", str(_write(t, "k", _elf_for(183)))], "AArch64|aarch64|ARM"),
+    ("arm64 Image", lambda t: ["--kernel", str(_write(t, "k", _arm64_image()))], "arm64 Image"),
+    *[(f"corrupt {fmt} payload", lambda t, fmt=fmt: ["--kernel", str(_write(t, "k", _corrupt_bzimage(fmt)))],
+       f"corrupt {fmt} payload") for fmt in ("gzip", "xz", "lz4", "zstd", "bzip2", "lzma")],
     ("truncated ELF", lambda t: ["--kernel", str(_write(t, "k", b"\x7fELF\x02\x01\x01"))], "ELF|truncated"),
     ("old boot protocol", lambda t: ["--kernel", str(_write(t, "k", _bzimage_header(0x0200)))], "protocol"),
     ("bad memory size", lambda t: ["--kernel", str(t / "k"), "--memory", "lots"], "bad size"),
@@ -66,6 +86,17 @@ def test_bad_input_is_one_line_and_status_2(tmp_path: Path, name: str, make_args
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_disk_smaller_than_a_sector(tmp_path: Path, kvm: None) -> None:
+    """Needs /dev/kvm: disks are opened after the VM and its kernel exist."""
+    from pyvmm.testing.kernels import make_elf
+
+    kernel = _write(tmp_path, "vmlinux", make_elf([(0x1000000, b"\xf4" * 4096, 0x2000)], 0x1000000))
+    disk = _write(tmp_path, "small.img", b"x" * 100)
+    proc = _pyvmm("run", "--kernel", str(kernel), "--disk", f"path={disk}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "smaller than one 512-byte sector" in proc.stderr
 
 
 def test_missing_kvm_device_from_the_cli(tmp_path: Path) -> None:

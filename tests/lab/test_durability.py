@@ -1,0 +1,204 @@
+"""Durability (issue 6 item 4): what the guest was told is safe survives ``kill -9`` of pyvmm.
+
+The FLUSH contract these tests hold (README "Disks"):
+
+* ``cache=writeback`` (default): a write request completes once ``pwritev`` has put it in the host's page
+  cache; a guest FLUSH (``sync``, ``fsync``) completes after ``fdatasync`` of the image.  pyvmm keeps no
+  data of its own: when the pyvmm process dies, everything it completed is in the host kernel, and
+  everything the guest flushed is on the host's disk.
+* ``cache=none``: the image is opened ``O_DIRECT``; a write request completes once the host's device
+  accepted it (no host page cache).  So data the guest wrote with ``O_DIRECT`` is in the image as soon as
+  the guest's write returned, even without a FLUSH.  (A volatile write cache *in the host's disk* still
+  needs the guest's FLUSH, which stays an ``fdatasync``.)
+
+Each test boots the default guest, has it write, waits for its marker on the console, sends pyvmm
+SIGKILL while the guest is still running, then checks the image on the host: the ext4 journal is
+replayed as the next mount would (``e2fsck -E journal_only``), ``e2fsck -fn`` finds nothing to fix, and
+every file the guest synced has the checksum the guest printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.lab.test_guest_userspace import _debugfs, _debugfs_cat
+
+pytestmark = pytest.mark.lab
+
+MARKER_TIMEOUT_S = 300.0
+ROOT_CMDLINE = "console=ttyS0 root=/dev/vda rw init=/init"
+FILES = {"a": 4096, "b": 300_001, "c": 2 * 1024 * 1024 + 17}  # name -> size written and synced
+DIRECT_CHUNKS = {0: "first", 37: "second", 200: "third"}  # 64 KiB block of /dev/vdb -> pattern word
+CHUNK = 64 * 1024
+
+SCRIPT = """\
+mkdir -p /durable
+{writes}
+sync
+sha256sum /durable/* | sed 's/^/DURABLE-SHA: /'
+{direct}
+echo "DURABLE: ready"
+# The guest never powers off: pyvmm is killed while it runs.
+while :; do sleep 1; done
+"""
+
+
+def _content(name: str, size: int) -> bytes:
+    line = f"durable file {name}\n".encode()
+    return (line * (size // len(line) + 1))[:size]
+
+
+def _chunk(word: str) -> bytes:
+    line = f"direct {word}\n".encode()
+    return (line * (CHUNK // len(line) + 1))[:CHUNK]
+
+
+def _script(direct: bool) -> str:
+    writes = "\n".join(f"yes 'durable file {n}' | head -c {size} > /durable/{n}" for n, size in FILES.items())
+    lines = [f"yes 'direct {w}' | head -c {CHUNK} | dd of=/dev/vdb bs={CHUNK} seek={blk} oflag=direct "
+             f"iflag=fullblock conv=notrunc 2>/dev/null && echo 'DURABLE-DIRECT: {blk}'"
+             for blk, w in DIRECT_CHUNKS.items()] if direct else []
+    return SCRIPT.format(writes=writes, direct="\n".join(lines))
+
+
+def _o_direct_supported(directory: Path) -> bool:
+    probe = directory / ".o_direct_probe"
+    probe.write_bytes(b"\0" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose filesystem supports O_DIRECT: tmp_path, or (the lab's /tmp is tmpfs + overlayfs,
+    which do not) a loop-mounted ext4 made here, which needs root."""
+    if _o_direct_supported(tmp_path):
+        yield tmp_path
+        return
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip(f"{tmp_path} does not support O_DIRECT and a loop-mounted ext4 needs root and mkfs.ext4")
+    backing, mnt = tmp_path / "ext4.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(backing, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount an ext4 for O_DIRECT: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _fd_flags(pid: int, path: Path) -> list[int]:
+    """The open flags of every descriptor of ``pid`` on ``path`` (from /proc/PID/fdinfo)."""
+    flags = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != str(path):
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^flags:\s+([0-7]+)", info, re.M)
+        if m:
+            flags.append(int(m[1], 8))
+    return flags
+
+
+def _boot_and_kill(images: Path, rootfs: Path, data: Path | None, cache: str, console: Path,
+                   ) -> tuple[str, list[int]]:
+    """Boot, wait for ``DURABLE: ready``, SIGKILL pyvmm.  Returns the console and the data disk's fd flags."""
+    args = [sys.executable, "-m", "pyvmm", "run", "--kernel", str(images / "vmlinux"), "--memory", "256M",
+            "--disk", f"path={rootfs},cache={cache}", "--console", f"file:{console}",
+            "--cmdline", f"{ROOT_CMDLINE} pyvmm.test=/etc/durable.sh"]
+    if data is not None:
+        args += ["--disk", f"path={data},cache={cache}"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + MARKER_TIMEOUT_S
+        text = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if "DURABLE: ready" in text:
+                break
+            time.sleep(0.2)
+        assert "DURABLE: ready" in text, f"pyvmm status {proc.poll()}\n{text[-3000:]}"
+        assert proc.poll() is None, "pyvmm ended before the kill"
+        flags = _fd_flags(proc.pid, data) if data is not None else []
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        return text, flags
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def _check_filesystem(rootfs: Path, console: str) -> None:
+    replay = subprocess.run(["e2fsck", "-E", "journal_only", "-p", str(rootfs)], capture_output=True, text=True)
+    assert replay.returncode in (0, 1), replay.stdout + replay.stderr  # 1: the journal was replayed
+    fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    for name, size in FILES.items():
+        digest = hashlib.sha256(_content(name, size)).hexdigest()
+        assert f"DURABLE-SHA: {digest}  /durable/{name}" in console, console[-3000:]
+        assert _debugfs_cat(rootfs, f"/durable/{name}") == _content(name, size), name
+
+
+def _prepare_root(images: Path, directory: Path, direct: bool) -> Path:
+    rootfs = directory / "rootfs.ext4"
+    shutil.copyfile(images / "rootfs.ext4", rootfs)
+    script = directory / "durable.sh"
+    script.write_text(_script(direct))
+    _debugfs(rootfs, "cd /etc", f"write {script} durable.sh", write=True)
+    return rootfs
+
+
+def test_synced_files_survive_sigkill(images: Path, tmp_path: Path, e2fsprogs: None) -> None:
+    """cache=writeback: files written and synced in the guest are intact after kill -9."""
+    rootfs = _prepare_root(images, tmp_path, direct=False)
+    console, _ = _boot_and_kill(images, rootfs, None, "writeback", tmp_path / "console.log")
+    _check_filesystem(rootfs, console)
+
+
+def test_o_direct_writes_survive_sigkill_without_sync(images: Path, image_dir: Path, e2fsprogs: None) -> None:
+    """cache=none: O_DIRECT writes to a raw disk, never synced, are in the image after kill -9; the root
+    filesystem (also cache=none) passes fsck with its synced files."""
+    rootfs = _prepare_root(images, image_dir, direct=True)
+    data = image_dir / "data.img"
+    with open(data, "wb") as f:
+        f.truncate(16 << 20)
+    console, flags = _boot_and_kill(images, rootfs, data, "none", image_dir / "console.log")
+    # RawDisk keeps a buffered descriptor (it holds the lock; requests O_DIRECT refuses) beside the direct one
+    assert any(f & os.O_DIRECT for f in flags), f"data disk not opened O_DIRECT: {[oct(f) for f in flags]}"
+    for blk in DIRECT_CHUNKS:
+        assert f"DURABLE-DIRECT: {blk}" in console, console[-3000:]
+    raw = data.read_bytes()
+    for blk, word in DIRECT_CHUNKS.items():
+        assert raw[blk * CHUNK:(blk + 1) * CHUNK] == _chunk(word), f"block {blk}"
+    untouched = bytearray(raw)
+    for blk in DIRECT_CHUNKS:
+        untouched[blk * CHUNK:(blk + 1) * CHUNK] = bytes(CHUNK)
+    assert not any(untouched), "bytes outside the written blocks changed"
+    _check_filesystem(rootfs, console)
