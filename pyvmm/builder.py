@@ -213,7 +213,8 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
 
 def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
                  stack: contextlib.ExitStack, report: BuildReport, *, slot: Callable[[int], tuple[int, int]],
-                 window: int, cmdline: Cmdline | None) -> None:
+                 window: int, cmdline: Cmdline | None, deferred_irqfds: list[tuple[int, int]] | None = None,
+                 ) -> None:
     """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window and interrupt from ``slot(index)``
     (the irqfd GSI: an IOAPIC pin on x86, an SPI number on arm64), an ioeventfd per queue on QueueNotify
     (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument."""
@@ -245,7 +246,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
         stack.callback(device.close)
         name = f"vd{chr(ord('a') + index)}"
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
-        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq), trace=trace)
+        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq, deferred_irqfds), trace=trace)
         mmio.add(base, window, transport, f"virtio-blk{index}")
         for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
             efd = EventFd()
@@ -266,8 +267,15 @@ def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Calla
     return on_notify
 
 
-def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int) -> EventFdIrq:
+def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int,
+          deferred: list[tuple[int, int]] | None = None) -> EventFdIrq:
+    """An eventfd wired to ``gsi`` with KVM_IRQFD.  With ``deferred``, the ``(eventfd, gsi)`` pair is
+    appended there instead, for the caller to register later (arm64: KVM refuses irqfds with EAGAIN until
+    the vGIC is initialised, which needs every vCPU first)."""
     efd = EventFd()
     stack.callback(efd.close)
-    vm.irqfd(efd.fd, gsi)
+    if deferred is None:
+        vm.irqfd(efd.fd, gsi)
+    else:
+        deferred.append((efd.fd, gsi))
     return EventFdIrq(efd, gsi)

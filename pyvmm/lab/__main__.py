@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="attach the terminal to the lab console (QEMU's serial port) instead of streaming")
     r.add_argument("--kernel", type=Path, metavar="PATH",
                    help=f"lab kernel (default: $PYVMM_LAB_KERNEL or {runner.LAB_KERNEL})")
+    r.add_argument("--arch", choices=runner.ARCHES, default="x86_64",
+                   help="arm64: the emulated-EL2 arm64 lab (images/arm64.py); the command runs in its arm64 "
+                        "root with the project tree shared (default: %(default)s)")
     r.add_argument("-v", "--verbose", action="store_true", help="show the lab's own boot messages too")
     r.add_argument("-q", "--quiet", action="store_true", help="no summary line at the end")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
@@ -83,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     opts = LabOptions(command=command, scratch=args.scratch, keep_scratch=args.keep_scratch, rw=args.rw,
                       timeout=args.timeout or None, memory=args.memory, interactive=args.interactive,
-                      kernel=args.kernel, verbose=args.verbose)
+                      kernel=args.kernel, verbose=args.verbose, arch=args.arch)
     try:
         result = runner.run(opts)
     except LabError as err:

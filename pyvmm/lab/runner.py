@@ -41,6 +41,16 @@ QEMU = "qemu-system-x86_64"
 QEMU_DEBIAN_PACKAGE = "qemu-system-x86"
 REPO = Path(__file__).resolve().parents[2]
 LAB_KERNEL = REPO / "images" / "out" / "lab-bzImage"
+# The arm64 lab (issue 9): qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
+# Debian's stock arm64 kernel, an initramfs with its 9p modules, and an arm64 root with Python
+# (images/arm64.py builds all three).
+QEMU_ARM64 = "qemu-system-aarch64"
+QEMU_ARM64_DEBIAN_PACKAGE = "qemu-system-arm"
+ARM64_LAB = REPO / "images" / "out" / "arm64" / "lab"
+ARM64_CPUS = 2
+# What the arm64 lab's commands run with: the arm64 root's own programs, pyvmm from the shared project tree.
+ARM64_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ARCHES = ("x86_64", "arm64")
 INIT_SCRIPT = Path(__file__).resolve().with_name("init.sh")
 CONTROL_DIR = ".pyvmm-lab"
 
@@ -77,8 +87,9 @@ class LabOptions:
     memory: str = DEFAULT_MEMORY
     interactive: bool = False
     kernel: Path | None = None
-    env: Mapping[str, str] | None = None  # None: this process's environment
+    env: Mapping[str, str] | None = None  # None: this process's environment (x86_64) or a minimal one (arm64)
     verbose: bool = False
+    arch: str = "x86_64"  # "arm64": the emulated-EL2 arm64 lab; the command runs in its arm64 root
 
 
 @dataclass
@@ -101,8 +112,19 @@ def lab_kernel(kernel: Path | None = None) -> Path:
     return Path(os.environ.get("PYVMM_LAB_KERNEL") or LAB_KERNEL)
 
 
-def unavailable_reason(kernel: Path | None = None) -> str | None:
+def unavailable_reason(kernel: Path | None = None, arch: str = "x86_64") -> str | None:
     """Why the lab cannot start on this machine, or None when it can."""
+    if arch == "arm64":
+        if shutil.which(QEMU_ARM64) is None:
+            return (f"{QEMU_ARM64} is not installed: the arm64 lab needs Debian's {QEMU_ARM64_DEBIAN_PACKAGE} "
+                    "(`make deps`)")
+        missing = [p for p in (ARM64_LAB / "vmlinuz", ARM64_LAB / "initrd.cpio.gz", ARM64_LAB / "root" / "bin")
+                   if not p.exists()]
+        if missing:
+            return f"the arm64 lab is not built ({missing[0]} is missing): run `python3 images/arm64.py lab`"
+        return None
+    if arch != "x86_64":
+        return f"no {arch} lab: the labs are {', '.join(ARCHES)}"
     if shutil.which(QEMU) is None:
         return (f"{QEMU} is not installed: the KVM lab needs Debian's {QEMU_DEBIAN_PACKAGE} "
                 f"(apt-get install {QEMU_DEBIAN_PACKAGE}, or `make deps`)")
@@ -178,6 +200,35 @@ def qemu_command(kernel: Path, scratch: Path, rw: Sequence[Path], *, memory: str
                 "-device", f"virtio-9p-device,fsdev=rw{i},mount_tag=rw{i}"]
     if interactive:
         # signal=off: Ctrl-C goes to the lab's console (and on to the command), not to QEMU.
+        cmd += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
+    else:
+        cmd += ["-serial", "stdio"]
+    return cmd
+
+
+def qemu_command_arm64(scratch: Path, rw: Sequence[Path], *, memory: str, interactive: bool,
+                       verbose: bool) -> list[str]:
+    """The arm64 lab: EL2 + GICv3 so its kernel offers /dev/kvm; the root comes from the initramfs'
+    overlay over the 9p share ``host`` (images/lab-arm64-init.sh), which then runs pyvmm/lab/init.sh."""
+    mounts = ",".join(f"rw{i}:{_plain(p, 'writable share')}" for i, p in enumerate(rw))
+    append = ["console=ttyAMA0", "panic=-1", "random.trust_cpu=on", *([] if verbose else ["quiet"]),
+              f"PYVMM_LAB_SCRATCH={_plain(scratch, 'scratch directory')}",
+              *([f"PYVMM_LAB_MOUNTS={mounts}"] if mounts else [])]
+    cmd = [
+        QEMU_ARM64, "-M", "virt,virtualization=on,gic-version=3", "-accel", "tcg", "-cpu", "max",
+        "-smp", str(ARM64_CPUS), "-m", memory,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(ARM64_LAB / "vmlinuz"), "-initrd", str(ARM64_LAB / "initrd.cpio.gz"),
+        "-append", " ".join(append),
+        "-fsdev", f"local,id=host,path={ARM64_LAB / 'root'},security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-device,fsdev=host,mount_tag=host",
+        "-fsdev", f"local,id=scratch,path={scratch},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-device,fsdev=scratch,mount_tag=scratch",
+    ]
+    for i, p in enumerate(rw):
+        cmd += ["-fsdev", f"local,id=rw{i},path={p},security_model=none,multidevs=remap",
+                "-device", f"virtio-9p-device,fsdev=rw{i},mount_tag=rw{i}"]
+    if interactive:
         cmd += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
     else:
         cmd += ["-serial", "stdio"]
@@ -271,13 +322,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout) -> LabResult:
     """Run ``opts.command`` inside the lab; raises :class:`LabError` when the lab cannot start."""
-    reason = unavailable_reason(opts.kernel)
+    reason = unavailable_reason(opts.kernel, opts.arch)
     if reason:
         raise LabError(reason)
-    env = dict(os.environ if opts.env is None else opts.env)
+    arm64 = opts.arch == "arm64"
     cwd = opts.cwd.resolve()
-    argv = _resolve_command(opts.command, env, cwd)
     rw = [p.resolve() for p in opts.rw]
+    if arm64:
+        # The host's environment names x86 programs (a venv's python first on PATH): the arm64 root gets
+        # its own PATH, pyvmm from the project tree (shared writable at its host path), and opts.env.
+        env = {"PATH": ARM64_PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
+               "PYTHONDONTWRITEBYTECODE": "1", **(opts.env or {})}
+        if not opts.command:
+            raise LabError("no command given (usage: python -m pyvmm.lab run --arch arm64 -- COMMAND [ARG...])")
+        argv = list(opts.command)  # resolved inside the arm64 root, not here
+        if REPO not in rw:
+            rw.append(REPO)
+    else:
+        env = dict(os.environ if opts.env is None else opts.env)
+        argv = _resolve_command(opts.command, env, cwd)
     for p in rw:
         if not p.is_dir():
             raise LabError(f"writable share {p} is not a directory")
@@ -295,8 +358,12 @@ def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout) -> LabRe
     elif not sys.stdout.isatty():
         env["TERM"] = "dumb"
     (ctl / "run.sh").write_text(_run_script(argv, cwd, env, tty_size))
-    cmd = qemu_command(lab_kernel(opts.kernel), scratch, rw, memory=opts.memory,
-                       interactive=opts.interactive, verbose=opts.verbose)
+    if arm64:
+        cmd = qemu_command_arm64(scratch, rw, memory=opts.memory, interactive=opts.interactive,
+                                 verbose=opts.verbose)
+    else:
+        cmd = qemu_command(lab_kernel(opts.kernel), scratch, rw, memory=opts.memory,
+                           interactive=opts.interactive, verbose=opts.verbose)
     (ctl / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     try:
         return _run_qemu(cmd, ctl, opts, out)

@@ -1,0 +1,109 @@
+"""The aarch64 counterpart of :func:`pyvmm.builder._build_x86_64`: the same flat, ordered script for an
+arm64 host's KVM.
+
+What is shared with x86 is shared by import, unchanged: guest RAM, the console, the 16550 model (here on
+MMIO instead of port I/O), the virtio-mmio transport and virtio-blk with their ioeventfds and irqfds, the
+event loop and the vCPU loop.  What differs lives in ``pyvmm/arch/aarch64``: the memory map, the Image
+loader, the device tree that announces every device (there is no ACPI and no ``virtio_mmio.device=`` on
+arm64: a command-line device's IRQ number would not be a GIC interrupt), the vGIC and vCPU init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from pyvmm.arch.aarch64 import layout, machine
+from pyvmm.arch.aarch64.devicetree import build_device_tree
+from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
+from pyvmm.builder import BuildReport, attach_disks, irqfd, make_console, make_stopper
+from pyvmm.bus import Bus
+from pyvmm.config import VmConfig
+from pyvmm.devices.serial import Serial16550
+from pyvmm.errors import ConfigError
+from pyvmm.eventloop import EventLoop
+from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.kvm.vm import VmFd
+from pyvmm.loader.cmdline import Cmdline
+from pyvmm.memory import GuestMemory
+from pyvmm.vmm import Vmm
+
+CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on arm64 (arch/arm64/include/uapi/asm/setup.h)
+UART_REGS = 8  # the 16550's register file; reg-io-width 1, reg-shift 0
+
+
+def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
+    report.host = "aarch64 KVM"
+    if config.cpus > layout.MAX_CPUS:
+        raise ConfigError(f"at most {layout.MAX_CPUS} vCPUs on aarch64")
+    if config.devices_via == "cmdline":
+        raise ConfigError("--devices-via cmdline is x86 only: on aarch64 the device tree announces the devices")
+
+    # Guest RAM first, so it is released last (after the VM that maps it).
+    try:
+        ram = layout.ram_layout(config.memory)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    mem = GuestMemory(ram)
+    stack.callback(mem.close)
+
+    kvm = Kvm()
+    stack.callback(kvm.close)
+    vm = VmFd(kvm.create_vm())
+    stack.callback(vm.close)
+    machine.check_caps(vm)
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+    # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
+    gic = machine.create_vgic(vm, config.cpus)
+    stack.callback(gic.close)
+    report.notes.append(f"vGICv{gic.version}")
+
+    # The Image, its initrd below the device tree, and the tree itself.
+    kernel = load_image(mem, config.kernel)
+    report.kernel_format = kernel.format
+    fdt_addr = layout.fdt_addr(config.memory)
+    initrd = load_initrd_aarch64(mem, config.initrd, kernel.kernel_end, fdt_addr) if config.initrd else None
+    cmdline = Cmdline(CMDLINE_MAX - 1)
+    cmdline.extend(config.cmdline)
+
+    # Devices.
+    loop = EventLoop()
+    stack.callback(loop.close)
+    mmio = Bus("mmio")
+    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)  # arm64 has no port I/O; the vCPU loop wants a bus anyway
+    vmm_ref: list[Vmm] = []
+    stop = make_stopper(vmm_ref)
+    console = make_console(config, stack, console_fd, stop)
+    irqfds: list[tuple[int, int]] = []  # registered once the vGIC is initialised (after the vCPUs)
+    serial = Serial16550(irqfd(vm, stack, layout.UART_SPI, irqfds), console)
+    mmio.add(layout.UART_ADDR, UART_REGS, serial, "uart")
+    attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
+                 window=layout.VIRTIO_MMIO_SIZE, cmdline=None, deferred_irqfds=irqfds)
+    report.cmdline = str(cmdline)
+
+    fdt = build_device_tree(ram=ram, cpus=config.cpus, cmdline=report.cmdline, initrd=initrd,
+                            gic_version=gic.version,
+                            virtio=[layout.virtio_mmio_slot(i) for i in range(len(config.disks))])
+    if len(fdt) > layout.FDT_MAX_SIZE:
+        raise ConfigError(f"device tree of {len(fdt)} bytes exceeds {layout.FDT_MAX_SIZE}")
+    mem.write(fdt_addr, fdt)
+
+    # vCPUs last: they need the memory, the vGIC and the boot state.
+    target = machine.preferred_target(vm)
+    mmap_size = kvm.vcpu_mmap_size()
+    vcpus = []
+    for index in range(config.cpus):
+        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
+        stack.callback(vcpu.close)
+        machine.setup_vcpu(vcpu, target, entry=kernel.entry, fdt_addr=fdt_addr)
+        vcpus.append(vcpu)
+    gic.finalize()
+    for fd, spi in irqfds:
+        vm.irqfd(fd, spi)
+
+    vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout)
+    vmm.serial = serial  # type: ignore[attr-defined]
+    vmm.mem = mem  # type: ignore[attr-defined]
+    vmm_ref.append(vmm)
+    return vmm
