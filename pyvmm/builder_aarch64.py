@@ -11,6 +11,7 @@ arm64: a command-line device's IRQ number would not be a GIC interrupt), the vGI
 from __future__ import annotations
 
 import contextlib
+import os
 
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
@@ -84,7 +85,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
 
     fdt = build_device_tree(ram=ram, cpus=config.cpus, cmdline=report.cmdline, initrd=initrd,
                             gic_version=gic.version,
-                            virtio=[layout.virtio_mmio_slot(i) for i in range(len(config.disks))])
+                            virtio=[layout.virtio_mmio_slot(i) for i in range(len(config.disks))],
+                            rng_seed=os.urandom(64))  # early entropy: the guest's CRNG is ready at once
     if len(fdt) > layout.FDT_MAX_SIZE:
         raise ConfigError(f"device tree of {len(fdt)} bytes exceeds {layout.FDT_MAX_SIZE}")
     mem.write(fdt_addr, fdt)

@@ -11,6 +11,7 @@ image must hold what the guest wrote.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.lab import LabOptions, run, unavailable_reason
+from pyvmm.lab.runner import ARM64_GIC_ENV
 from tests.lab.conftest import LAB_TIER_SUMMARY
 from tests.lab.test_guest_userspace import INIT_MARKERS, _debugfs, _debugfs_cat
 
@@ -37,7 +39,11 @@ echo 3 > /proc/sys/vm/drop_caches
 echo "ARM64-WRITTEN: $(sha256sum /arm64-test/written)"
 echo "ARM64-HOST: $(sha256sum /etc/pyvmm-host-file)"
 echo "ARM64-CPUS: $(grep -c ^processor /proc/cpuinfo)"
+echo "ARM64-IRQCHIP: $(grep -m1 -o 'GIC[v0-9-]*' /proc/interrupts)"
 """
+# The irqchip name Linux shows in /proc/interrupts: the GICv3 driver's "GICv3", the GICv2 driver's "GIC-0".
+# The lab's own GIC (PYVMM_LAB_ARM64_GIC, default 3) decides which vGIC its KVM can offer pyvmm.
+IRQCHIP = {"3": "GICv3", "2": "GIC-0"}
 
 
 @pytest.fixture
@@ -80,9 +86,11 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     assert f"ARM64-WRITTEN: {hashlib.sha256(GUEST_FILE).hexdigest()}  /arm64-test/written" in text, explain
     assert f"ARM64-HOST: {hashlib.sha256(HOST_FILE).hexdigest()}  /etc/pyvmm-host-file" in text, explain
     assert "ARM64-CPUS: 2" in text, explain
+    gic = os.environ.get(ARM64_GIC_ENV) or "3"
+    assert f"ARM64-IRQCHIP: {IRQCHIP[gic]}" in text, explain
     assert _debugfs_cat(rootfs, "/arm64-test/written") == GUEST_FILE
     fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     timing = f"lab boot {result.boot_s:.1f} s, " if result.boot_s is not None else ""
-    LAB_TIER_SUMMARY.append(f"arm64 lab: pyvmm booted the arm64 guest to /init on virtio-blk and back; "
+    LAB_TIER_SUMMARY.append(f"arm64 lab (vGICv{gic}): pyvmm booted the arm64 guest to /init on virtio-blk and back; "
                             f"{timing}total {result.total_s:.1f} s")
