@@ -16,7 +16,7 @@ MEMORY ?= 512M
 RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
             --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
 
-.PHONY: all run test check images lab-images debian-images bench bench-lab firmware docs deps venv clean help
+.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab firmware docs deps venv clean help
 
 help:
 	@echo "make run       boot the default guest (installs deps, builds images first)"
@@ -26,6 +26,7 @@ help:
 	@echo "make firmware  build the tiny test guests"
 	@echo "make docs      regenerate the diagrams in docs/ from their text sources (graphviz)"
 	@echo "make lab-images  build the KVM lab kernel (QEMU TCG + nested KVM; see README \"KVM lab\")"
+	@echo "make arm64-images  build the arm64 guest and the arm64 KVM lab (docs/aarch64.md)"
 	@echo "make bench     device model, exit costs, kernel load, boot phases + memory (BENCH_ARGS=--quick: no boot)"
 	@echo "make bench-lab   boot time, pyvmm side by side with QEMU-KVM microvm (in the lab if needed)"
 
@@ -46,6 +47,11 @@ images: deps venv
 # The KVM lab's kernel (pyvmm/lab/): needed where the host KVM cannot run guest user space.
 lab-images: deps venv
 	$(PY) images/lab.py
+
+# The arm64 guest (cross-built kernel, busybox initramfs, ext4 root) and the arm64 KVM lab (Debian's arm64
+# kernel and an arm64 root with Python): docs/aarch64.md.  Cached like the others.
+arm64-images: deps venv
+	$(PY) images/arm64.py
 
 # True (exit 0) when this host's /dev/kvm is a software KVM that cannot run guest user space.
 SOFTWARE_KVM := $(PY) -c "from pyvmm.arch.x86_64 import hostkvm; raise SystemExit(not hostkvm.detect().software)"
@@ -70,7 +76,7 @@ $(DEBIAN_GUEST):
 	$(PY) images/debian_acpi.py
 debian-images: venv $(DEBIAN_GUEST)
 
-test: deps venv images lab-images debian-images firmware
+test: deps venv images lab-images arm64-images debian-images firmware
 	PYVMM_HYPOTHESIS_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md): tables on stdout, JSON in bench/out/.  BENCH_ARGS=--quick skips the boot.
