@@ -105,6 +105,22 @@ def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, c
     return _build_x86_64(config, stack, report, console_fd)
 
 
+def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
+              check_caps: Callable[[VmFd], None]) -> tuple[GuestMemory, Kvm, VmFd]:
+    """Guest RAM, the KVM system fd and a VM with the RAM mapped as memory slots 0, 1, ...  RAM comes
+    first, so it is released last (after the VM that maps it)."""
+    mem = GuestMemory(ram)
+    stack.callback(mem.close)
+    kvm = Kvm()
+    stack.callback(kvm.close)
+    vm = VmFd(kvm.create_vm())
+    stack.callback(vm.close)
+    check_caps(vm)
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+    return mem, kvm, vm
+
+
 def make_stopper(vmm_ref: list[Vmm]) -> Callable[[ExitStatus, str], None]:
     def stop(status: ExitStatus, reason: str) -> None:
         if vmm_ref:
@@ -132,19 +148,9 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
     host = hostkvm.resolve(config.workarounds)
     report.host = host.reason
 
-    # Guest RAM first, so it is released last (after the VM that maps it).
     ram = layout.ram_layout(config.memory)  # [(gpa, size)] around the device hole
-    mem = GuestMemory(ram)
-    stack.callback(mem.close)
-
-    kvm = Kvm()
-    stack.callback(kvm.close)
-    vm = VmFd(kvm.create_vm())
-    stack.callback(vm.close)
-    machine.check_caps(vm)
+    mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
     report.notes += machine.setup_platform(vm)  # irqchip before any irqfd or vCPU
-    for slot, region in enumerate(mem.regions):
-        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
 
     # The kernel, its initrd and the boot parameters.
     kernel = load_kernel(mem, config.kernel, boot=config.boot)  # type: ignore[arg-type]

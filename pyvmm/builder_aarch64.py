@@ -16,17 +16,14 @@ import os
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
 from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
-from pyvmm.builder import BuildReport, attach_disks, irqfd, make_console, make_stopper
+from pyvmm.builder import BuildReport, attach_disks, create_vm, irqfd, make_console, make_stopper
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
 from pyvmm.devices.serial import Serial16550
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
-from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
-from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
-from pyvmm.memory import GuestMemory
 from pyvmm.vmm import Vmm
 
 CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on arm64 (arch/arm64/include/uapi/asm/setup.h)
@@ -40,21 +37,11 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     if config.devices_via == "cmdline":
         raise ConfigError("--devices-via cmdline is x86 only: on aarch64 the device tree announces the devices")
 
-    # Guest RAM first, so it is released last (after the VM that maps it).
     try:
         ram = layout.ram_layout(config.memory)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    mem = GuestMemory(ram)
-    stack.callback(mem.close)
-
-    kvm = Kvm()
-    stack.callback(kvm.close)
-    vm = VmFd(kvm.create_vm())
-    stack.callback(vm.close)
-    machine.check_caps(vm)
-    for slot, region in enumerate(mem.regions):
-        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+    mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
     # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
     gic = machine.create_vgic(vm, config.cpus)
     stack.callback(gic.close)

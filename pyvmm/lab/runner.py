@@ -199,18 +199,8 @@ def qemu_command(kernel: Path, scratch: Path, rw: Sequence[Path], *, memory: str
         "-kernel", str(kernel), "-append", " ".join(append),
         "-fsdev", "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-device,fsdev=host,mount_tag=host",
-        "-fsdev", f"local,id=scratch,path={scratch},security_model=none,multidevs=remap",
-        "-device", "virtio-9p-device,fsdev=scratch,mount_tag=scratch",
     ]
-    for i, p in enumerate(rw):
-        cmd += ["-fsdev", f"local,id=rw{i},path={p},security_model=none,multidevs=remap",
-                "-device", f"virtio-9p-device,fsdev=rw{i},mount_tag=rw{i}"]
-    if interactive:
-        # signal=off: Ctrl-C goes to the lab's console (and on to the command), not to QEMU.
-        cmd += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
-    else:
-        cmd += ["-serial", "stdio"]
-    return cmd
+    return cmd + _shares_and_console(scratch, rw, interactive)
 
 
 def qemu_command_arm64(scratch: Path, rw: Sequence[Path], *, memory: str, interactive: bool,
@@ -230,17 +220,23 @@ def qemu_command_arm64(scratch: Path, rw: Sequence[Path], *, memory: str, intera
         "-append", " ".join(append),
         "-fsdev", f"local,id=host,path={ARM64_LAB / 'root'},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-device,fsdev=host,mount_tag=host",
-        "-fsdev", f"local,id=scratch,path={scratch},security_model=none,multidevs=remap",
-        "-device", "virtio-9p-device,fsdev=scratch,mount_tag=scratch",
     ]
+    return cmd + _shares_and_console(scratch, rw, interactive)
+
+
+def _shares_and_console(scratch: Path, rw: Sequence[Path], interactive: bool) -> list[str]:
+    """QEMU arguments both labs share: the scratch and --rw 9p shares (virtio-mmio), the serial console."""
+    args = ["-fsdev", f"local,id=scratch,path={scratch},security_model=none,multidevs=remap",
+            "-device", "virtio-9p-device,fsdev=scratch,mount_tag=scratch"]
     for i, p in enumerate(rw):
-        cmd += ["-fsdev", f"local,id=rw{i},path={p},security_model=none,multidevs=remap",
-                "-device", f"virtio-9p-device,fsdev=rw{i},mount_tag=rw{i}"]
+        args += ["-fsdev", f"local,id=rw{i},path={p},security_model=none,multidevs=remap",
+                 "-device", f"virtio-9p-device,fsdev=rw{i},mount_tag=rw{i}"]
     if interactive:
-        cmd += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
+        # signal=off: Ctrl-C goes to the lab's console (and on to the command), not to QEMU.
+        args += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
     else:
-        cmd += ["-serial", "stdio"]
-    return cmd
+        args += ["-serial", "stdio"]
+    return args
 
 
 class ConsoleFilter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,18 +68,33 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     (tmp_path / "host-file").write_bytes(HOST_FILE)
     _debugfs(rootfs, "cd /etc", f"write {tmp_path / 'test.sh'} arm64-test.sh",
              f"write {tmp_path / 'host-file'} pyvmm-host-file", write=True)
-    console = scratch / "console.log"
-    command = ["python3", "-m", "pyvmm", "run", "--kernel", str(arm64_images / "Image"), "--memory", "256M",
-               "--cpus", "2", "--disk", f"path={rootfs}", "--console", f"file:{console}",
-               "--timeout", str(GUEST_TIMEOUT_S),
-               "--cmdline", "console=ttyS0 root=/dev/vda rw init=/init pyvmm.test=/etc/arm64-test.sh"]
+    console, console2 = scratch / "console.log", scratch / "console-initrd.log"
+    common = ["python3", "-m", "pyvmm", "run", "--kernel", str(arm64_images / "Image"), "--timeout",
+              str(GUEST_TIMEOUT_S)]
+    # Run 1: the root on virtio-blk, the test script, then init's `reboot -f` (PSCI SYSTEM_RESET).
+    disk_run = [*common, "--memory", "256M", "--cpus", "2", "--disk", f"path={rootfs}",
+                "--console", f"file:{console}",
+                "--cmdline", "console=ttyS0 root=/dev/vda rw init=/init pyvmm.test=/etc/arm64-test.sh"]
+    # Run 2: the initramfs (found through /chosen linux,initrd-*; /sbin/poweroff exists only there) whose
+    # first program is `poweroff -f` (PSCI SYSTEM_OFF).
+    initrd_run = [*common, "--memory", "128M", "--initrd", str(arm64_images / "initrd.cpio.gz"),
+                  "--console", f"file:{console2}", "--cmdline", "console=ttyS0 rdinit=/sbin/poweroff -- -f"]
+    script = (f"{shlex.join(disk_run)}; echo \"ARM64-RUN1: $?\"; "
+              f"{shlex.join(initrd_run)}; echo \"ARM64-RUN2: $?\"")
     output = bytearray()
-    result = run(LabOptions(command=command, cwd=ROOT, scratch=scratch, timeout=LAB_TIMEOUT_S, arch="arm64"),
-                 out=output.extend)
+    result = run(LabOptions(command=["sh", "-c", script], cwd=ROOT, scratch=scratch, timeout=LAB_TIMEOUT_S,
+                            arch="arm64"), out=output.extend)
+    out = output.decode(errors="replace")
     text = console.read_text(errors="replace") if console.exists() else ""
-    explain = (f"lab status {result.status} {result.reason}\n--- pyvmm output ---\n{output.decode(errors='replace')}"
-               f"\n--- guest console ---\n{text[-4000:]}\n--- lab console ---\n{result.boot_log[-3000:]}")
+    text2 = console2.read_text(errors="replace") if console2.exists() else ""
+    explain = (f"lab status {result.status} {result.reason}\n--- pyvmm output ---\n{out}"
+               f"\n--- guest console ---\n{text[-4000:]}\n--- initrd guest console ---\n{text2[-2000:]}"
+               f"\n--- lab console ---\n{result.boot_log[-3000:]}")
     assert result.status == 0, explain
+    gic = os.environ.get(ARM64_GIC_ENV) or "3"
+    assert "ARM64-RUN1: 0" in out and "guest rebooted" in out, explain
+    assert "ARM64-RUN2: 0" in out and "guest powered off" in out, explain
+    assert f"vGICv{gic}" in out, explain
     positions = [text.find(m) for m in INIT_MARKERS]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), explain
     assert re.search(r"PYVMM-INIT: uname \S+ aarch64", text), explain
@@ -86,7 +102,6 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     assert f"ARM64-WRITTEN: {hashlib.sha256(GUEST_FILE).hexdigest()}  /arm64-test/written" in text, explain
     assert f"ARM64-HOST: {hashlib.sha256(HOST_FILE).hexdigest()}  /etc/pyvmm-host-file" in text, explain
     assert "ARM64-CPUS: 2" in text, explain
-    gic = os.environ.get(ARM64_GIC_ENV) or "3"
     assert f"ARM64-IRQCHIP: {IRQCHIP[gic]}" in text, explain
     assert _debugfs_cat(rootfs, "/arm64-test/written") == GUEST_FILE
     fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True, check=False)
