@@ -43,7 +43,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         raise ConfigError(str(err)) from None
     mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
     # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
-    gic = machine.create_vgic(vm, config.cpus)
+    gic = machine.create_vgic(vm)
     stack.callback(gic.close)
     report.notes.append(f"vGICv{gic.version}")
 

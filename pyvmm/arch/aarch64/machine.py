@@ -71,17 +71,16 @@ class Vgic:
 def _create_device(vm: VmFd, dev_type: int) -> int | None:
     arg = abi.kvm_create_device(type=dev_type)
     try:
-        ioctl(vm.fd, abi.KVM_CREATE_DEVICE, arg)
-    except OSError:
+        vm.ioctl(f"KVM_CREATE_DEVICE type={dev_type}", abi.KVM_CREATE_DEVICE, arg)
+    except KvmError:
         return None
     return int(arg.fd)
 
 
-def create_vgic(vm: VmFd, cpus: int, *, want: int | None = None) -> Vgic:
-    """A GICv3 (redistributors for ``cpus`` vCPUs), or a GICv2 where the host has no v3 emulation."""
-    if cpus > layout.MAX_CPUS:
-        raise KvmError(f"at most {layout.MAX_CPUS} vCPUs on aarch64")
-    for version in ((want,) if want else (3, 2)):
+def create_vgic(vm: VmFd) -> Vgic:
+    """A GICv3, or a GICv2 where the host has no v3 emulation.  The caller keeps the vCPU count within
+    ``layout.MAX_CPUS`` (the redistributor frames must fit below the UART)."""
+    for version in (3, 2):
         fd = _create_device(vm, arm.KVM_DEV_TYPE_ARM_VGIC_V3 if version == 3 else arm.KVM_DEV_TYPE_ARM_VGIC_V2)
         if fd is None:
             continue
