@@ -58,6 +58,7 @@ from pyvmm.config import DiskConfig, parse_memory
 from pyvmm.configfile import RunSettings, load_file, normalise_trace
 from pyvmm.errors import VmmError
 from pyvmm.status import ExitStatus
+from pyvmm.stopreport import VcpuReport, parse_report
 
 __all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "PtyChild",
            "VmTimeout"]
@@ -560,6 +561,12 @@ class VM:
     def console_text(self) -> str:
         """Everything the guest wrote on its console so far (``\\r\\n`` line ends, as sent)."""
         return self._child.transcript if self._child is not None else self._final_transcript
+
+    @property
+    def vcpu_report(self) -> list[VcpuReport]:
+        """Where each vCPU was when pyvmm stopped the VM from outside (timeout, :meth:`stop`), read from
+        :attr:`log`; empty while it runs or when the guest ended by itself."""
+        return parse_report(self.log)
 
     def console_tail(self, lines: int = 40) -> str:
         return "\n".join(self.console_text.replace("\r", "").splitlines()[-lines:])

@@ -38,6 +38,7 @@ from pyvmm.kvm.vm import VmFd
 from pyvmm.loader import load_kernel
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.initrd import load_initrd
+from pyvmm.loader.symbols import KernelSymbols
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
 from pyvmm.trace import EVENT_CLASSES, Tracer
@@ -86,6 +87,7 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
     except BaseException:
         stack.close()
         raise
+    vmm.symbolize = KernelSymbols(config.kernel).lookup  # reads nothing unless a stop report needs names
     return vmm, report
 
 

@@ -57,6 +57,17 @@ class ConsoleOutput:
         if self._on_panic is not None and PANIC_MARKER in line:
             self._on_panic(line.decode(errors="replace").strip())
 
+    def last_line(self, limit: int = 200) -> str | None:
+        """The last non-empty line the guest wrote (an unfinished one counts), printable and at most
+        ``limit`` characters; None if there is none."""
+        with self._lock:
+            candidates = [bytes(self._line), *reversed(self.tail)]
+        line = next((c for c in candidates if c.strip()), None)
+        if line is None:
+            return None
+        text = "".join(ch if ch.isprintable() else "?" for ch in line.decode(errors="replace").strip())
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
     def tail_text(self, n: int = 20) -> str:
         with self._lock:
             lines = list(self.tail)[-n:]

@@ -1,7 +1,8 @@
 """Run one VM from a :class:`VmConfig` in the foreground: the CLI's ``pyvmm run``.
 
 Builds the VM, wires stdin to the UART when the console is stdio, prints what pyvmm decided (kernel
-format, host workarounds, the final command line) and, at the end, how the guest ended.
+format, host workarounds, the final command line) and, at the end, how the guest ended; after a stop
+from outside (timeout, signal) also where each vCPU was (:mod:`pyvmm.stopreport`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pyvmm.builder import build_vm
 from pyvmm.config import CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleInput
 from pyvmm.status import ExitStatus
+from pyvmm.stopreport import report_lines
 from pyvmm.vmm import Vmm, VmResult, print_err
 
 INPUT_RETRY_S = 0.02
@@ -78,5 +80,7 @@ def report_result(result: VmResult, *, quiet: bool = False) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
         print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {int(result.status)}); exits: {exits}; "
                   f"peak RSS {peak} MiB")
+        for line in report_lines(result.vcpu_report, result.last_console_line):
+            print_err(line)
         for line in result.details:
             print_err(line)

@@ -5,7 +5,8 @@ thread.  The event loop (the caller's thread) serves ioeventfds, console input a
 VM ends — guest power-off or reset, a panic on the console, an unhandled exit, a signal, the timeout —
 goes through :meth:`Vmm.request_stop`: the first reason wins, the loop wakes, each vCPU gets
 ``immediate_exit`` and a signal so ``KVM_RUN`` returns ``EINTR``, and resources are released in
-reverse order of creation.
+reverse order of creation.  A stop from outside (timeout, signal) also reports where each vCPU was
+(:mod:`pyvmm.stopreport`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pyvmm.eventloop import EventLoop
 from pyvmm.kvm import abi
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.status import ExitStatus
+from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuReport
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class VmResult:
     elapsed: float = 0.0
     exits: Counter[str] = field(default_factory=Counter)
     details: list[str] = field(default_factory=list)
+    # Where each vCPU was, when the VM was stopped from outside (timeout, signal): pyvmm.stopreport
+    vcpu_report: list[VcpuReport] = field(default_factory=list)
+    last_console_line: str | None = None
 
 
 class ArchExitHandler:
@@ -92,6 +97,9 @@ class Vmm:
         self.profile_interval = float(os.environ.get("PYVMM_GUEST_PROFILE", "0") or 0)
         self.samples: list[int] = []
         self._sample_due = False
+        # For the stop report: per-vCPU exit counters and RIP samples; kernel symbols, read only for a report.
+        self.progress = ProgressWatch(v.index for v in vcpus)
+        self.symbolize: Callable[[int], str | None] | None = None
 
     # -- stopping --------------------------------------------------------------------------------------
     def request_stop(self, status: ExitStatus, reason: str) -> None:
@@ -100,6 +108,7 @@ class Vmm:
             if self._result is not None:
                 return
             self._result = VmResult(status, reason)
+            self.progress.mark_stop(time.monotonic())
         for vcpu in self.vcpus:
             vcpu.kick()
         self._signal_vcpus()
@@ -134,6 +143,8 @@ class Vmm:
             if self.timeout is not None:
                 self.loop.call_at(self.started_at + self.timeout, lambda: self.request_stop(
                     ExitStatus.TIMEOUT, f"--timeout of {self.timeout:g} s expired"))
+                self.loop.call_at(self.started_at + max(0.0, self.timeout - REPORT_WINDOW_S), self._sample_rips)
+            self._mark_progress()
             if self.profile_interval > 0 and in_main:
                 threading.Thread(target=self._sampler, name="sampler", daemon=True).start()
             self.first_run_at = time.monotonic()
@@ -148,6 +159,7 @@ class Vmm:
                 raise
             finally:
                 self._stop_threads()
+                self._stop_report()
                 for fn in self.on_stop:
                     try:
                         fn()
@@ -176,6 +188,40 @@ class Vmm:
                 vcpu.kick()
             self._signal_vcpus()
 
+    def _mark_progress(self) -> None:
+        if not self.stopping:
+            self.progress.mark(time.monotonic())
+            self.loop.call_at(time.monotonic() + MARK_INTERVAL_S, self._mark_progress)
+
+    def _sample_rips(self) -> None:
+        """Each vCPU records its RIP at the kick's KVM_EXIT_INTR: the stop report's earlier observation."""
+        self.progress.mark(time.monotonic())
+        self.progress.want_rips()
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        self._signal_vcpus()
+
+    def _pc(self, vcpu: VcpuFd) -> int | None:
+        try:
+            return self.arch.program_counter(vcpu)
+        except Exception:  # the report does without it
+            log.debug("vCPU %d: no program counter", vcpu.index, exc_info=True)
+            return None
+
+    def _stop_report(self) -> None:
+        """After the vCPU threads have left KVM_RUN: where each one was (only for stops from outside).
+        After a KVM_EXIT_IO/MMIO the instruction completes at the next KVM_RUN (api.rst: guest state is
+        consistent only after re-entry), so RIP may point at the exiting instruction."""
+        r = self._result
+        if r is None or r.status not in (ExitStatus.TIMEOUT, ExitStatus.STOPPED):
+            return
+        try:
+            rips = {v.index: None if self.progress.vcpu(v.index).running else self._pc(v) for v in self.vcpus}
+            r.vcpu_report = self.progress.reports(rips, self.symbolize)
+            r.last_console_line = self.console.last_line()
+        except Exception as err:  # never let the report break the stop
+            log.warning("vCPU report failed: %r", err)
+
     def _stop_threads(self) -> None:
         if self._result is None:
             self.request_stop(ExitStatus.VMM_ERROR, "event loop ended without a stop reason")
@@ -200,8 +246,12 @@ class Vmm:
         view = vcpu.run_view
         exits = self.exits
         pio, mmio = self.pio, self.mmio
+        progress = self.progress.vcpu(vcpu.index)
+        progress.enter()
+        reason = -1
         while not self.stopping:
             reason = vcpu.run()
+            progress.exits += 1
             if reason == abi.KVM_EXIT_IO:
                 io = run.exit.io
                 size, port, count, off = io.size, io.port, io.count, io.data_offset
@@ -226,9 +276,13 @@ class Vmm:
                         m.data[i] = ctypes_data[i]
                 exits["mmio"] += 1
             elif reason == abi.KVM_EXIT_INTR:
+                progress.exits -= 1  # a kick or a signal, not the guest's doing
                 run.immediate_exit = 0 if not self.stopping else 1
                 if self._sample_due and not self.stopping:
                     self.samples.append(self.arch.program_counter(vcpu))
+                if progress.rip_due and not self.stopping:
+                    progress.rip_due = False
+                    progress.rip_before = self._pc(vcpu)
                 exits["intr"] += 1
             elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
                 exits["internal_error"] += 1
@@ -256,6 +310,7 @@ class Vmm:
             else:
                 name = abi.EXIT_NAMES.get(reason, str(reason))
                 self.request_stop(ExitStatus.VMM_ERROR, f"unexpected exit {name} on vCPU {vcpu.index}")
+        progress.leave(in_guest=reason == abi.KVM_EXIT_INTR)  # interrupted in KVM_RUN, or busy in the VMM
 
 
 def print_err(msg: str) -> None:

@@ -30,8 +30,10 @@ from pyvmm.interrupt import EventFd
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
+from pyvmm.loader.symbols import KernelSymbols
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
+from pyvmm.stopreport import VcpuReport
 from pyvmm.vmm import Vmm
 
 LOAD_ADDR = layout.HIMEM_START  # firmware/Makefile links at 0x100000
@@ -49,6 +51,7 @@ class TinyResult:
     assist: Counter[str]  # instructions the emulation assist performed, by name
     elapsed: float
     details: list[str] = field(default_factory=list)
+    vcpu_report: list[VcpuReport] = field(default_factory=list)  # after a timeout: where the vCPU was
 
 
 class Recorder:
@@ -112,10 +115,11 @@ class _DebugExit:
 
 
 class TinyVm:
-    """One vCPU, ``memory`` bytes of RAM, ``binary`` loaded at 0x100000 and entered in long mode."""
+    """One vCPU, ``memory`` bytes of RAM, ``binary`` loaded at 0x100000 and entered in long mode.
+    ``symbols``: a file with the binary's symbols (``firmware/out/NAME.elf``) for the stop report."""
 
     def __init__(self, binary: Path | bytes, *, memory: int = DEFAULT_MEMORY, assist: bool | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, symbols: Path | None = None) -> None:
         self.host = hostkvm.detect()
         self.assist = self.host.software if assist is None else assist
         self.debug_exit_value: int | None = None
@@ -129,6 +133,8 @@ class TinyVm:
         except BaseException:
             stack.close()
             raise
+        if symbols is not None:
+            self.vmm.symbolize = KernelSymbols(symbols).lookup
 
     def _build(self, stack: contextlib.ExitStack, image: bytes, memory: int, timeout: float) -> None:
         self.mem = GuestMemory(layout.ram_layout(memory))
@@ -197,7 +203,7 @@ class TinyVm:
         counts = self.exit_handler.assist.counts if self.exit_handler.assist is not None else Counter[str]()
         return TinyResult(status=r.status, reason=r.reason, serial=bytes(self.serial.data),
                           debug_exit=self.debug_exit_value, exits=r.exits, assist=Counter(counts),
-                          elapsed=r.elapsed, details=r.details)
+                          elapsed=r.elapsed, details=r.details, vcpu_report=r.vcpu_report)
 
     def close(self) -> None:
         if not self._ran:  # never ran: the Vmm's cleanup stack was not closed yet

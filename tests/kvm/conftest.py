@@ -25,8 +25,9 @@ PORT_SPAN = 8
 
 
 @pytest.fixture(scope="session")
-def firmware(kvm: None) -> Callable[[str], Path]:
-    """``firmware("pio")`` -> the path of firmware/out/pio.bin, built once per session."""
+def firmware(kvm: None) -> Callable[..., Path]:
+    """``firmware("pio")`` -> the path of firmware/out/pio.bin, built once per session;
+    ``firmware("pio", "elf")`` -> the same guest as an ELF executable with symbols (for ``pyvmm run``)."""
     missing = [tool for tool in ("make", "as", "ld") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not on PATH: install make and binutils to build firmware/")
@@ -34,8 +35,8 @@ def firmware(kvm: None) -> Callable[[str], Path]:
     if proc.returncode != 0:
         pytest.fail(f"make -C firmware failed:\n{proc.stdout}{proc.stderr}")
 
-    def path(name: str) -> Path:
-        p = FIRMWARE / "out" / f"{name}.bin"
+    def path(name: str, kind: str = "bin") -> Path:
+        p = FIRMWARE / "out" / f"{name}.{kind}"
         assert p.is_file(), f"{p} was not built"
         return p
 

@@ -43,3 +43,15 @@ def test_escape_sequence_on_a_terminal() -> None:
         assert quits == [1]
     os.close(master)
     os.close(slave)
+
+
+def test_last_line_for_the_stop_report() -> None:
+    out = ConsoleOutput(None)
+    assert out.last_line() is None
+    out(b"first\r\nsecond\n")
+    assert out.last_line() == "second"
+    out(b"login: ")  # a prompt without a newline is the last thing the guest said
+    assert out.last_line() == "login:"
+    out(b"\n\x1b[1mbold\x1b[0m " + b"x" * 300 + b"\n")
+    line = out.last_line()
+    assert line is not None and "\x1b" not in line and len(line) <= 200 and line.startswith("?[1mbold")
