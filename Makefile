@@ -16,7 +16,7 @@ MEMORY ?= 512M
 RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
             --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
 
-.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab firmware docs deps venv clean help
+.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab stress-lab firmware docs deps venv clean help
 
 help:
 	@echo "make run       boot the default guest (installs deps, builds images first)"
@@ -29,6 +29,9 @@ help:
 	@echo "make arm64-images  build the arm64 guest and the arm64 KVM lab (docs/aarch64.md)"
 	@echo "make bench     device model, exit costs, kernel load, boot phases + memory (BENCH_ARGS=--quick: no boot)"
 	@echo "make bench-lab   boot time, pyvmm side by side with QEMU-KVM microvm (in the lab if needed)"
+	@echo "make stress-lab  boot the default guest STRESS_N times in a row (default 50; in one lab run if needed):"
+	@echo "                 how many reached /init, each boot's time, pyvmm's stderr for every stall"
+	@echo "                 (STRESS_ARGS=\"--root-disk --timeout 240\" for more options)"
 
 deps:
 	@scripts/deps.sh
@@ -87,6 +90,12 @@ bench: venv images firmware
 
 bench-lab: deps venv images lab-images
 	$(PY) bench/lab_boot.py
+
+# N boots of the default guest in a row, each with its own --timeout, inside ONE lab run on a software-KVM host.
+STRESS_N ?= 50
+STRESS_ARGS ?=
+stress-lab: deps venv images lab-images
+	$(PY) bench/stress_lab.py -n $(STRESS_N) $(STRESS_ARGS)
 
 check: venv
 	$(VENV)/bin/ruff check pyvmm tests images bench

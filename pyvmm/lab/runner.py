@@ -67,6 +67,11 @@ DEFAULT_MEMORY = "3G"
 CPU_MODEL = "EPYC,+svm,+npt"
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 
+# How often run()'s watchdog is asked whether the lab should be stopped.
+WATCHDOG_POLL_S = 1.0
+# run()'s watchdog: a reason to stop the lab now, or None to go on.
+Watchdog = Callable[[], str | None]
+
 # Exit statuses of a lab run that are not the command's own (like timeout(1) and env(1)).
 STATUS_TIMEOUT = 124
 STATUS_LAB_FAILED = 125
@@ -324,11 +329,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout) -> LabResult:
-    """Run ``opts.command`` inside the lab; raises :class:`LabError` when the lab cannot start."""
+def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout, *,
+        watchdog: Watchdog | None = None) -> LabResult:
+    """Run ``opts.command`` inside the lab; raises :class:`LabError` when the lab cannot start.
+
+    ``watchdog`` (batch mode only) is called at least every WATCHDOG_POLL_S seconds while the lab runs; when it
+    returns a reason, QEMU is stopped and the run ends like a timeout (status STATUS_TIMEOUT, that reason).
+    It lets a caller that follows the command's output give each part of the run its own bound, instead of
+    waiting for ``opts.timeout``, the bound of the whole run.
+    """
     reason = unavailable_reason(opts.kernel, opts.arch)
     if reason:
         raise LabError(reason)
+    if watchdog is not None and opts.interactive:
+        raise LabError("a watchdog needs batch mode: the console of an interactive lab is the terminal's")
     arm64 = opts.arch == "arm64"
     cwd = opts.cwd.resolve()
     rw = [p.resolve() for p in opts.rw]
@@ -370,16 +384,18 @@ def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout) -> LabRe
                            interactive=opts.interactive, verbose=opts.verbose)
     (ctl / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     try:
-        return _run_qemu(cmd, ctl, opts, out)
+        return _run_qemu(cmd, ctl, opts, out, watchdog)
     finally:
         if own_scratch and not opts.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes], None]) -> LabResult:
+def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes], None],
+              watchdog: Watchdog | None = None) -> LabResult:
     t0 = time.monotonic()
     deadline = t0 + opts.timeout if opts.timeout else None
     timed_out = False
+    stopped_by: str | None = None  # the watchdog's reason
     filt = ConsoleFilter(out, verbose=opts.verbose)
     if opts.interactive:
         proc = subprocess.Popen(cmd)
@@ -388,7 +404,7 @@ def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes]
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop(proc)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or the caller's own timeout (e.g. pytest-timeout's SIGALRM)
             _stop(proc)
             raise
     else:
@@ -402,6 +418,13 @@ def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes]
                     timed_out = True
                     _stop(proc)
                     break
+                if watchdog is not None:
+                    stopped_by = watchdog()
+                    if stopped_by:
+                        timed_out = True
+                        _stop(proc)
+                        break
+                    wait = WATCHDOG_POLL_S if wait is None else min(wait, WATCHDOG_POLL_S)
                 ready, _, _ = select.select([fd], [], [], wait)
                 if not ready:
                     continue
@@ -409,7 +432,7 @@ def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes]
                 if not data:
                     break
                 filt.feed(data)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or the caller's own timeout: QEMU must not outlive the call
             _stop(proc)
             raise
         finally:
@@ -422,7 +445,10 @@ def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes]
     result = LabResult(STATUS_LAB_FAILED, boot_s, total, timed_out,
                        filt.boot_log.decode(errors="replace"))
     status_file = ctl / "status"
-    if timed_out:
+    if stopped_by:
+        result.status = STATUS_TIMEOUT
+        result.reason = f"{stopped_by}; QEMU was stopped after {total:.0f} s"
+    elif timed_out:
         result.status = STATUS_TIMEOUT
         result.reason = f"timed out after {opts.timeout:g} s; QEMU was stopped"
     elif status_file.is_file() and status_file.read_text().strip().isdigit():

@@ -22,13 +22,21 @@ import pytest
 
 from pyvmm.lab import LabOptions, run, unavailable_reason
 from pyvmm.lab.runner import ARM64_GIC_ENV
-from tests.lab.conftest import LAB_TIER_SUMMARY
+from tests.lab.conftest import LAB_TIER_SUMMARY, bound_for, vm_timeout
 from tests.lab.test_guest_userspace import INIT_MARKERS, _debugfs, _debugfs_cat
 
 ROOT = Path(__file__).resolve().parents[2]
 ARM64 = ROOT / "images" / "out" / "arm64"
-LAB_TIMEOUT_S = 1500.0  # a bound; the measured run is in the summary line
-GUEST_TIMEOUT_S = 1200
+# Bounds (the whole test took about 1.5 minutes here): the arm64 lab's start (7-22 s measured), then two
+# pyvmm runs one after the other inside it, each with its own --timeout: the root-disk boot with the test
+# script and a PSCI reset (~60 s expected, Python's start in the lab included), and the initramfs boot
+# straight to poweroff (~30 s).
+ARM64_LAB_START_S = 60.0
+DISK_RUN_TIMEOUT_S = vm_timeout(60.0)
+INITRD_RUN_TIMEOUT_S = vm_timeout(30.0)
+LAB_TIMEOUT_S = ARM64_LAB_START_S + bound_for(DISK_RUN_TIMEOUT_S, INITRD_RUN_TIMEOUT_S, host_s=0)
+# The test's pytest-timeout: the lab run, and around it a root disk copy, debugfs and e2fsck on the host.
+TEST_BOUND_S = LAB_TIMEOUT_S + 60.0
 
 GUEST_FILE = ("pyvmm arm64 guest file\n" * 40000).encode()  # 920 kB
 HOST_FILE = bytes((i * 13 + 5) & 0xFF for i in range(200_000))
@@ -55,6 +63,7 @@ def arm64_images() -> Path:
     return ARM64
 
 
+@pytest.mark.timeout(TEST_BOUND_S, method="signal")
 def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tmp_path: Path,
                                                           e2fsprogs: None) -> None:
     reason = unavailable_reason(arch="arm64")
@@ -69,16 +78,16 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     _debugfs(rootfs, "cd /etc", f"write {tmp_path / 'test.sh'} arm64-test.sh",
              f"write {tmp_path / 'host-file'} pyvmm-host-file", write=True)
     console, console2 = scratch / "console.log", scratch / "console-initrd.log"
-    common = ["python3", "-m", "pyvmm", "run", "--kernel", str(arm64_images / "Image"), "--timeout",
-              str(GUEST_TIMEOUT_S)]
+    common = ["python3", "-m", "pyvmm", "run", "--kernel", str(arm64_images / "Image")]
     # Run 1: the root on virtio-blk, the test script, then init's `reboot -f` (PSCI SYSTEM_RESET).
-    disk_run = [*common, "--memory", "256M", "--cpus", "2", "--disk", f"path={rootfs}",
-                "--console", f"file:{console}",
+    disk_run = [*common, "--timeout", f"{DISK_RUN_TIMEOUT_S:g}", "--memory", "256M", "--cpus", "2",
+                "--disk", f"path={rootfs}", "--console", f"file:{console}",
                 "--cmdline", "console=ttyS0 root=/dev/vda rw init=/init pyvmm.test=/etc/arm64-test.sh"]
     # Run 2: the initramfs (found through /chosen linux,initrd-*; /sbin/poweroff exists only there) whose
     # first program is `poweroff -f` (PSCI SYSTEM_OFF).
-    initrd_run = [*common, "--memory", "128M", "--initrd", str(arm64_images / "initrd.cpio.gz"),
-                  "--console", f"file:{console2}", "--cmdline", "console=ttyS0 rdinit=/sbin/poweroff -- -f"]
+    initrd_run = [*common, "--timeout", f"{INITRD_RUN_TIMEOUT_S:g}", "--memory", "128M",
+                  "--initrd", str(arm64_images / "initrd.cpio.gz"), "--console", f"file:{console2}",
+                  "--cmdline", "console=ttyS0 rdinit=/sbin/poweroff -- -f"]
     script = (f"{shlex.join(disk_run)}; echo \"ARM64-RUN1: $?\"; "
               f"{shlex.join(initrd_run)}; echo \"ARM64-RUN2: $?\"")
     output = bytearray()
@@ -87,7 +96,8 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     out = output.decode(errors="replace")
     text = console.read_text(errors="replace") if console.exists() else ""
     text2 = console2.read_text(errors="replace") if console2.exists() else ""
-    explain = (f"lab status {result.status} {result.reason}\n--- pyvmm output ---\n{out}"
+    explain = (f"lab status {result.status} {result.reason} (lab timeout {LAB_TIMEOUT_S:g} s)\n"
+               f"--- pyvmm output ---\n{out}"
                f"\n--- guest console ---\n{text[-4000:]}\n--- initrd guest console ---\n{text2[-2000:]}"
                f"\n--- lab console ---\n{result.boot_log[-3000:]}")
     assert result.status == 0, explain

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import Guest
-
-pytestmark = pytest.mark.lab
+from tests.lab.conftest import BOOT_S, Guest, bound_for, vm_timeout
 
 ROOT_CMDLINE = "console=ttyS0 root=/dev/vda rw init=/init"
 INIT_MARKERS = ("PYVMM-INIT: start", "PYVMM-INIT: uname ", "PYVMM-INIT: vda present", "PYVMM-INIT: done")
+# The lines /init (images/init.sh) prints without a root disk: booted from the initramfs.
+INITRD_INIT_MARKERS = tuple(m for m in INIT_MARKERS if m != "PYVMM-INIT: vda present")
+
+# The VMs' timeouts: a boot to the end of /init and its reboot; test_guest_disk_io's script writes ~1.1 MB,
+# hashes it, syncs and reads 300 kB back: about 20 s more in the lab.
+BOOT_TIMEOUT_S = vm_timeout(BOOT_S)
+DISK_IO_TIMEOUT_S = vm_timeout(BOOT_S + 20)
 
 # Files the guest writes: name -> (line pattern, size); the content is the pattern repeated, cut at size.
 GUEST_FILES = {"small": ("pyvmm small\n", 1000), "medium": ("pyvmm medium file\n", 70_001),
@@ -39,6 +44,13 @@ echo "RO-FLAG: $(blockdev --getro /dev/vdb)"
 echo "HOST-FILE: $(sha256sum /etc/pyvmm-host-file)"
 echo "HOST-TEXT: $(cat /etc/pyvmm-host-text)"
 """
+
+
+def reached_user_space(console: str, *, root_disk: bool = True) -> bool:
+    """The guest ran its /init to the end: each of its marker lines is on the console, in order (with
+    ``root_disk``, also the line that says vda is there)."""
+    positions = [console.find(m) for m in (INIT_MARKERS if root_disk else INITRD_INIT_MARKERS)]
+    return all(p >= 0 for p in positions) and positions == sorted(positions)
 
 
 def _content(pattern: str, size: int) -> bytes:
@@ -64,25 +76,27 @@ def rootfs(images: Path, tmp_path: Path, e2fsprogs: None) -> Path:
     return copy
 
 
+@pytest.mark.lab(bound_s=bound_for(BOOT_TIMEOUT_S))
 def test_default_guest_reaches_user_space(pyvmm_run: Callable[..., Guest], images: Path, rootfs: Path) -> None:
     g = pyvmm_run("--kernel", str(images / "vmlinux"), "--memory", "256M", "--disk", f"path={rootfs}",
-                  "--cmdline", ROOT_CMDLINE)
-    positions = [g.console.find(m) for m in INIT_MARKERS]
-    assert all(p >= 0 for p in positions) and positions == sorted(positions), g.explain()
+                  "--cmdline", ROOT_CMDLINE, timeout=BOOT_TIMEOUT_S)
+    assert reached_user_space(g.console), g.explain()
     assert re.search(r"PYVMM-INIT: uname \S+ x86_64", g.console), g.explain()
     assert g.status == 0, g.explain()  # the guest's reboot -f ends pyvmm with status 0
     fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+@pytest.mark.lab(bound_s=bound_for(BOOT_TIMEOUT_S))
 def test_default_guest_from_initrd(pyvmm_run: Callable[..., Guest], images: Path) -> None:
     g = pyvmm_run("--kernel", str(images / "vmlinux"), "--initrd", str(images / "initrd.cpio.gz"),
-                  "--memory", "256M", "--cmdline", "console=ttyS0")
-    assert "PYVMM-INIT: start" in g.console and "PYVMM-INIT: done" in g.console, g.explain()
+                  "--memory", "256M", "--cmdline", "console=ttyS0", timeout=BOOT_TIMEOUT_S)
+    assert reached_user_space(g.console, root_disk=False), g.explain()
     assert "PYVMM-INIT: vda present" not in g.console, g.explain()
     assert g.status == 0, g.explain()
 
 
+@pytest.mark.lab(bound_s=bound_for(DISK_IO_TIMEOUT_S))
 def test_guest_disk_io(pyvmm_run: Callable[..., Guest], images: Path, rootfs: Path, tmp_path: Path) -> None:
     # The host puts a script, a binary file and a text file into the guest's root disk.
     writes = "\n".join(
@@ -101,7 +115,7 @@ def test_guest_disk_io(pyvmm_run: Callable[..., Guest], images: Path, rootfs: Pa
 
     g = pyvmm_run("--kernel", str(images / "vmlinux"), "--memory", "256M", "--disk", f"path={rootfs}",
                   "--disk", f"path={data},readonly=on,serial=data0",
-                  "--cmdline", f"{ROOT_CMDLINE} pyvmm.test=/etc/pyvmm-test.sh")
+                  "--cmdline", f"{ROOT_CMDLINE} pyvmm.test=/etc/pyvmm-test.sh", timeout=DISK_IO_TIMEOUT_S)
     assert "PYVMM-INIT: test status 0" in g.console and "PYVMM-INIT: done" in g.console, g.explain()
     assert g.status == 0, g.explain()
 
