@@ -45,14 +45,27 @@ class VcpuReport:
     window_s: float  # about REPORT_WINDOW_S; shorter when the VM ran less than that
     verdict: str  # STUCK or SLOW
     rip_before: int | None = None  # RIP about REPORT_WINDOW_S before the stop (runs with a timeout)
+    # Guest entries KVM made for this vCPU in the same window (its binary stats' "exits" counter, which
+    # counts every return from the guest, including the exits the kernel handles itself); None: unknown
+    guest_entries: int | None = None
+
+    @property
+    def never_entered(self) -> bool:
+        """Inside KVM_RUN, yet the kernel did not enter the guest once in the window."""
+        return self.guest_entries == 0 and self.in_guest and self.exits_last_s == 0
 
     def line(self) -> str:
         where = "an unknown address" if self.rip is None else f"{self.rip:#x}"
         if self.symbol:
             where += f" <{self.symbol}>"
         place = "the guest" if self.in_guest else "the VMM"
-        return (f"vCPU {self.index} {self.verdict} at {where} in {place}; {self.exits_last_s} exits in the last "
+        line = (f"vCPU {self.index} {self.verdict} at {where} in {place}; {self.exits_last_s} exits in the last "
                 f"{self.window_s:.1f} s")
+        if self.guest_entries is not None:
+            line += f"; KVM entered the guest {self.guest_entries} times"
+            if self.never_entered:
+                line += " (the host kernel is not running this vCPU: it never reached the guest)"
+        return line
 
 
 def verdict(*, exits: int, rip: int | None, rip_before: int | None) -> str:
@@ -69,7 +82,7 @@ def report_lines(reports: list[VcpuReport], last_console_line: str | None) -> li
 
 
 _LINE = re.compile(r"pyvmm: vCPU (\d+) (stuck|slow) at (?:(0x[0-9a-f]+)(?: <(\S+)>)?|an unknown address) in the "
-                   r"(guest|VMM); (\d+) exits in the last ([0-9.]+) s")
+                   r"(guest|VMM); (\d+) exits in the last ([0-9.]+) s(?:; KVM entered the guest (\d+) times)?")
 
 
 def parse_report(log: str) -> list[VcpuReport]:
@@ -77,16 +90,17 @@ def parse_report(log: str) -> list[VcpuReport]:
     out = []
     for m in map(_LINE.search, log.splitlines()):
         if m is not None:
-            index, verdict_, rip, symbol, place, exits, window = m.groups()
+            index, verdict_, rip, symbol, place, exits, window, entries = m.groups()
             out.append(VcpuReport(int(index), None if rip is None else int(rip, 16), symbol, place == "guest",
-                                  int(exits), float(window), verdict_))
+                                  int(exits), float(window), verdict_,
+                                  guest_entries=None if entries is None else int(entries)))
     return out
 
 
 class VcpuProgress:
     """What one vCPU thread records for the report.  ``exits`` is the hot-path counter."""
 
-    __slots__ = ("exits", "in_guest", "rip_before", "rip_due", "state")
+    __slots__ = ("exits", "in_guest", "kernel_entries", "rip_before", "rip_due", "state")
 
     def __init__(self) -> None:
         self.exits = 0
@@ -94,6 +108,8 @@ class VcpuProgress:
         self.in_guest = False
         self.rip_due = False  # set by the event loop: record RIP at the next KVM_EXIT_INTR
         self.rip_before: int | None = None
+        # Reads the kernel's count of guest entries for this vCPU (KVM's binary stats); None: not available
+        self.kernel_entries: Callable[[], int | None] | None = None
 
     def enter(self) -> None:
         """The vCPU thread starts its KVM_RUN loop."""
@@ -114,8 +130,8 @@ class ProgressWatch:
 
     def __init__(self, indices: Iterable[int]) -> None:
         self._vcpus = {i: VcpuProgress() for i in indices}
-        self._marks: deque[tuple[float, dict[int, int]]] = deque(maxlen=8)
-        self._stop: tuple[float, dict[int, int]] | None = None
+        self._marks: deque[tuple[float, dict[int, int], dict[int, int | None]]] = deque(maxlen=8)
+        self._stop: tuple[float, dict[int, int], dict[int, int | None]] | None = None
 
     def vcpu(self, index: int) -> VcpuProgress:
         return self._vcpus[index]
@@ -123,13 +139,22 @@ class ProgressWatch:
     def _counts(self) -> dict[int, int]:
         return {i: p.exits for i, p in self._vcpus.items()}
 
+    def _kernel_counts(self) -> dict[int, int | None]:
+        out: dict[int, int | None] = {}
+        for i, p in self._vcpus.items():
+            try:
+                out[i] = p.kernel_entries() if p.kernel_entries is not None else None
+            except OSError:
+                out[i] = None
+        return out
+
     def mark(self, now: float) -> None:
-        self._marks.append((now, self._counts()))
+        self._marks.append((now, self._counts(), self._kernel_counts()))
 
     def mark_stop(self, now: float) -> None:
         """The counters at the moment of the stop (before the kick); the first call counts."""
         if self._stop is None:
-            self._stop = (now, self._counts())
+            self._stop = (now, self._counts(), self._kernel_counts())
 
     def want_rips(self) -> None:
         for p in self._vcpus.values():
@@ -141,15 +166,19 @@ class ProgressWatch:
         if self._stop is None:
             self.mark_stop(time.monotonic())
         assert self._stop is not None
-        t_stop, at_stop = self._stop
+        t_stop, at_stop, kernel_at_stop = self._stop
         earlier = [m for m in self._marks if m[0] <= t_stop]
-        t_from, base = min(earlier, key=lambda m: abs(t_stop - m[0] - REPORT_WINDOW_S), default=self._stop)
+        t_from, base, kernel_base = min(earlier, key=lambda m: abs(t_stop - m[0] - REPORT_WINDOW_S),
+                                        default=self._stop)
         out = []
         for i, p in sorted(self._vcpus.items()):
             rip = rips.get(i)
             exits = at_stop[i] - base.get(i, 0)
+            k_now, k_then = kernel_at_stop.get(i), kernel_base.get(i)
+            entries = None if k_now is None or k_then is None or t_stop <= t_from else k_now - k_then
             out.append(VcpuReport(i, rip, _name(symbolize, rip), p.running or p.in_guest, exits, t_stop - t_from,
-                                  verdict(exits=exits, rip=rip, rip_before=p.rip_before), p.rip_before))
+                                  verdict(exits=exits, rip=rip, rip_before=p.rip_before), p.rip_before,
+                                  guest_entries=entries))
         return out
 
 

@@ -26,6 +26,7 @@ from pyvmm.bus import Bus
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
 from pyvmm.kvm import abi
+from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.status import ExitStatus
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuReport
@@ -144,6 +145,7 @@ class Vmm:
                 self.loop.call_at(self.started_at + self.timeout, lambda: self.request_stop(
                     ExitStatus.TIMEOUT, f"--timeout of {self.timeout:g} s expired"))
                 self.loop.call_at(self.started_at + max(0.0, self.timeout - REPORT_WINDOW_S), self._sample_rips)
+            self._open_kernel_stats()
             self._mark_progress()
             if self.profile_interval > 0 and in_main:
                 threading.Thread(target=self._sampler, name="sampler", daemon=True).start()
@@ -187,6 +189,15 @@ class Vmm:
             for vcpu in self.vcpus:
                 vcpu.kick()
             self._signal_vcpus()
+
+    def _open_kernel_stats(self) -> None:
+        """The kernel's own counters per vCPU, for the stop report.  Opened before the first KVM_RUN: the
+        ioctl waits for the vCPU mutex, which KVM_RUN holds; reading the fd later does not."""
+        for vcpu in self.vcpus:
+            stats = StatsFd.open(vcpu.fd)
+            if stats is not None:
+                self._cleanup.callback(stats.close)
+                self.progress.vcpu(vcpu.index).kernel_entries = lambda s=stats: s.value("exits")
 
     def _mark_progress(self) -> None:
         if not self.stopping:

@@ -73,6 +73,13 @@ class StatsFd:
             out[d.name] = sum(values)
         return out
 
+    def value(self, name: str) -> int | None:
+        """One counter, read on its own (None when this kernel has no such counter)."""
+        for d in self.descs:
+            if d.name == name:
+                return int(sum(struct.unpack(f"<{d.size}Q", os.pread(self.fd, 8 * d.size, self._data_off + d.offset))))
+        return None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

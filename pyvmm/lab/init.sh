@@ -39,6 +39,11 @@ share() { # tag path
     mount -t 9p -o "$ninep" "$1" "$2" || fail "cannot mount the 9p share $1 on $2"
 }
 
+# An x86 lab kernel without a TSC frequency has a KVM that never enters a guest (pyvmm/lab/tsc.py): say so
+# at once instead of letting every VM in the lab hang.
+if dmesg 2>/dev/null | grep -q "could not calculate TSC khz"; then
+    fail "the lab kernel could not calibrate its TSC (host too loaded, and no tsc_early_khz= given): its KVM cannot run guests"
+fi
 [ -n "$PYVMM_LAB_SCRATCH" ] || fail "PYVMM_LAB_SCRATCH is not set (not started by pyvmm.lab?)"
 share scratch "$PYVMM_LAB_SCRATCH"
 for m in $PYVMM_LAB_MOUNTS; do

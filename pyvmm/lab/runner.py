@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import VmmError
+from pyvmm.lab.tsc import host_tsc_khz
 
 QEMU = "qemu-system-x86_64"
 QEMU_DEBIAN_PACKAGE = "qemu-system-x86"
@@ -190,6 +191,9 @@ def qemu_command(kernel: Path, scratch: Path, rw: Sequence[Path], *, memory: str
     mounts = ",".join(f"rw{i}:{_plain(p, 'writable share')}" for i, p in enumerate(rw))
     append = [
         "console=ttyS0", "reboot=t", "panic=-1", "8250.nr_uarts=1", "random.trust_cpu=on",
+        # Without it a loaded host makes the lab's TSC calibration fail, and its KVM never enters a guest
+        # (pyvmm/lab/tsc.py).
+        *([f"tsc_early_khz={khz}"] if (khz := host_tsc_khz()) else []),
         *([] if verbose else ["quiet"]),
         "root=host", "rootfstype=9p", f"rootflags={NINEP_OPTS}", "ro",
         # Unknown name=value parameters become init's environment.  (Not "init=/bin/sh -- script":

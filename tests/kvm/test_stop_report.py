@@ -78,9 +78,12 @@ def test_no_report_when_the_guest_ends_itself(firmware: Callable[..., Path]) -> 
 
 
 # -- the CLI: the report on stderr, after the stop line ----------------------------------------------------
-STUCK_LINE = re.compile(r"pyvmm: vCPU 0 stuck at (0x[0-9a-f]+) <spin\+0x0> in the guest; 0 exits in the last 1\.0 s")
+# A spinning guest is still entered by KVM (host interrupts take it out and back in): "KVM entered the
+# guest N times" with N > 0 tells it apart from a vCPU the host kernel never ran.
+STUCK_LINE = re.compile(r"pyvmm: vCPU 0 stuck at (0x[0-9a-f]+) <spin\+0x0> in the guest; 0 exits in the last 1\.0 s"
+                        r"; KVM entered the guest [1-9]\d* times")
 SLOW_LINE = re.compile(r"pyvmm: vCPU 0 slow at (0x[0-9a-f]+) <poll\+0x[0-9a-f]+> in the (guest|VMM); "
-                       r"(\d+) exits in the last 1\.0 s")
+                       r"(\d+) exits in the last 1\.0 s; KVM entered the guest \d+ times")
 
 
 def _stop_block(stderr: str) -> list[str]:
@@ -133,7 +136,7 @@ def test_cli_reports_on_sigterm(firmware: Callable[..., Path]) -> None:
     block = _stop_block(err)
     assert block[0].startswith("pyvmm: stopped by SIGTERM"), block
     assert re.fullmatch(r"pyvmm: vCPU 0 stuck at 0x[0-9a-f]+ <spin\+0x0> in the guest; 0 exits in the last "
-                        r"[0-9.]+ s", block[1]), block
+                        r"[0-9.]+ s; KVM entered the guest [1-9]\d* times", block[1]), block
 
 
 # -- the Python API: the report read back from pyvmm's log ------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.lab import runner
+from pyvmm.lab import runner, tsc
 from pyvmm.lab.__main__ import _writable_disk_dirs
 from pyvmm.lab.runner import ConsoleFilter, LabError, LabOptions
 
@@ -95,3 +95,26 @@ def test_writable_disks_are_shared() -> None:
     args = ["--kernel", "/k", "--disk", "path=/a/root.ext4", "--disk", "path=/b/data.img,readonly=on",
             "--disk=path=/c/x.img,serial=s", "--memory", "1G"]
     assert _writable_disk_dirs(args) == [Path("/a"), Path("/c")]
+
+
+def test_lab_kernel_is_told_the_tsc_frequency(tmp_path: Path) -> None:
+    # Under host load the lab kernel's own TSC calibration (against the PIT; microvm has no HPET or ACPI PM
+    # timer) fails, tsc_khz stays 0 and the lab's KVM then never enters a guest.  The runner measures the
+    # host TSC (TCG's guest TSC is the host's) and passes it, so calibration cannot fail.
+    cmd = runner.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=False, verbose=False)
+    append = cmd[cmd.index("-append") + 1].split()
+    khz = [int(a.split("=", 1)[1]) for a in append if a.startswith("tsc_early_khz=")]
+    if tsc.host_tsc_khz() is None:
+        assert khz == []
+        pytest.skip("no way to measure this host's TSC (not x86_64)")
+    assert len(khz) == 1 and khz[0] > 0
+
+
+def test_host_tsc_measurement_is_consistent() -> None:
+    first = tsc.measure_tsc_khz()
+    if first is None:
+        pytest.skip("not an x86_64 host: no TSC to measure")
+    second = tsc.measure_tsc_khz()
+    assert second is not None
+    assert 100_000 <= first <= 10_000_000  # 100 MHz .. 10 GHz
+    assert abs(first - second) / first < 0.01

@@ -100,3 +100,25 @@ def test_want_rips_asks_every_vcpu_once() -> None:
     w = ProgressWatch([0, 1])
     w.want_rips()
     assert all(w.vcpu(i).rip_due for i in (0, 1))
+
+
+def test_kernel_guest_entries_tell_a_vcpu_that_never_reached_the_guest() -> None:
+    spinning = VcpuReport(0, 0x100013, "spin+0x0", True, 0, 1.0, "stuck", guest_entries=1444)
+    never = VcpuReport(0, 0x1000000, "startup_64+0x0", True, 0, 1.0, "stuck", guest_entries=0)
+    assert not spinning.never_entered and never.never_entered
+    assert spinning.line().endswith("; KVM entered the guest 1444 times")
+    assert never.line().endswith("; KVM entered the guest 0 times (the host kernel is not running this vCPU: "
+                                 "it never reached the guest)")
+    log = "".join(f"pyvmm: {line}\n" for line in report_lines([spinning, never], None))
+    assert [r.guest_entries for r in parse_report(log)] == [1444, 0]
+
+
+def test_kernel_counters_are_windowed_like_the_exits() -> None:
+    watch = ProgressWatch([0])
+    entries = iter([100, 100, 100])
+    watch.vcpu(0).kernel_entries = lambda: next(entries)
+    watch.mark(10.0)
+    watch.mark(10.5)
+    watch.mark_stop(11.0)
+    (r,) = watch.reports({0: 0x1000000}, None)
+    assert r.guest_entries == 0 and r.window_s == 1.0
