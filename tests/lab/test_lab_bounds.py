@@ -35,7 +35,7 @@ def test_every_lab_test_declares_a_bound_the_collect_pass_finds() -> None:
     bounds = tier.collect_bounds()
     assert len(bounds) >= 3
     assert all(b > 0 for b in bounds.values()), bounds
-    assert "tests/lab/test_guest_userspace.py::test_default_guest_reaches_user_space" in bounds
+    assert "tests/lab/test_guest_userspace.py::test_default_guest_disk_io_in_user_space" in bounds
     assert not any("test_lab_tier" in n or "test_arm64" in n for n in bounds)  # not marked lab
     plan = tier.TierPlan(bounds)
     assert plan.lab_timeout_s > tier.LAB_START_S + sum(bounds.values())
