@@ -19,6 +19,7 @@ from pyvmm.arch.x86_64.acpi import tables as acpi_tables
 from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
 from pyvmm.arch.x86_64.cpu import get_supported_cpuid
 from pyvmm.bus import Bus
+from pyvmm.coalescing import coalesce_port_writes
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.acpi_sleep import AcpiSleep
@@ -210,8 +211,16 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
         machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
         vcpus.append(vcpu)
 
+    # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
+    # per console byte; every exit on the UART's ports replays the ring first (pyvmm/coalescing.py).
+    coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8))
+    if coalesced is not None:
+        report.notes.append(f"serial THR writes coalesced (KVM_CAP_COALESCED_PIO, "
+                            f"{coalesced.ring.capacity}-entry ring)")
+
     arch = machine.X86ExitHandler(mem, assist=host.software)
-    vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout)
+    vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
+              coalesced=coalesced)
     vmm.serial = serial  # type: ignore[attr-defined]
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm.boot_timer = boot_timer  # type: ignore[attr-defined]

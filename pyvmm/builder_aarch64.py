@@ -91,7 +91,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     for fd, spi in irqfds:
         vm.irqfd(fd, spi)
 
-    vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout)
+    vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout,
+              stats=config.stats)
     vmm.serial = serial  # type: ignore[attr-defined]
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm_ref.append(vmm)

@@ -74,6 +74,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="trace virtio events, one line each: virtio (all), or comma-separated "
                         f"virtio.<class> with <class> in {', '.join(EVENT_CLASSES)}; none = off (default)")
     p.add_argument("--trace-file", type=Path, metavar="PATH", help="write the trace here instead of stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="at the end, print exits by kind and device register, the VMM time spent on each, the "
+                        "time in KVM_RUN and from process start to the first KVM_RUN")
     p.add_argument("-v", "--verbose", action="count", help="more VMM messages on stderr (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
 

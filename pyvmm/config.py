@@ -132,6 +132,8 @@ class VmConfig:
     # How the guest learns of the virtio-mmio devices (docs/acpi.md): "cmdline" (virtio_mmio.device=),
     # "acpi" (LNRO0005 devices in the DSDT) or "both" (default: kernels with either mechanism work)
     devices_via: str = "both"
+    # --stats: count exits by kind and register and time them (the counting vCPU loop; pyvmm.exitstats)
+    stats: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -47,6 +47,7 @@ class RunSettings:
     verbose: int = 0
     quiet: bool = False
     devices_via: str = "both"
+    stats: bool = False
 
     def vm_config(self) -> VmConfig:
         """The VM configuration (raises :class:`ConfigError` when no kernel was given)."""
@@ -56,7 +57,7 @@ class RunSettings:
             kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, memory=self.memory, cpus=self.cpus,
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
             timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
-            trace_file=self.trace_file, devices_via=self.devices_via,
+            trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats,
         )
 
     def to_toml(self, *, header: str = "") -> str:
@@ -84,6 +85,7 @@ class RunSettings:
         put("trace-file", _abs(self.trace_file), " (trace lines go to stderr)")
         put("verbose", self.verbose)
         put("quiet", self.quiet)
+        put("stats", self.stats)
         for disk in self.disks:
             out += ["", "[[disk]]"]
             put("path", _abs(disk.path))
@@ -128,7 +130,7 @@ FILE_KEYS = {
     "kernel": "kernel", "initrd": "initrd", "cmdline": "cmdline", "memory": "memory", "cpus": "cpus",
     "disk": "disks", "console": "console", "boot": "boot", "workarounds": "workarounds",
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
-    "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via",
+    "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats",
 }
 DISK_KEYS = ("path", "readonly", "serial", "cache", "discard")
 
@@ -193,7 +195,7 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         _need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
               and value > 0, where, "a positive number of seconds", value)
         return float(cast(float, value))
-    if key in ("panic-exit", "quiet"):
+    if key in ("panic-exit", "quiet", "stats"):
         _need(isinstance(value, bool), where, "true or false", value)
         return value
     if key == "trace":

@@ -1,7 +1,11 @@
 """The host end of the serial console: where guest output goes, where input comes from.
 
 Output goes to a file descriptor (stdout, or a file for ``--console file:PATH``) and through a line
-watcher that keeps the last lines (for error reports) and spots a kernel panic.  Input comes from
+watcher that keeps the last lines (for error reports) and spots a kernel panic.  The UART hands over one
+byte per THR write, so output is buffered: written at each newline, when the buffer holds
+:attr:`ConsoleOutput.BUFFER_SIZE` bytes, and at :meth:`ConsoleOutput.flush`, which the VMM's event loop
+calls on a short timer (a prompt or a key echoed without a newline shows within that time) and at the
+end of the run.  The line watcher sees every byte as it comes, flushed or not.  Input comes from
 stdin: in raw mode when it is a terminal (restored on every exit path), with the escape sequence
 Ctrl-A x to stop the VM and Ctrl-A Ctrl-A to send a literal Ctrl-A; as plain bytes from a pipe.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import termios
 import threading
 import tty
@@ -21,12 +26,22 @@ ESCAPE_QUIT = ord("x")
 PANIC_MARKER = b"Kernel panic - not syncing"
 
 
+# How long a flush may wait for a console that is not ready (a terminal whose file description a
+# non-blocking stdin shares, a full pipe) before the rest of the buffer is dropped: the guest must not
+# hang on it.
+WRITE_WAIT_S = 0.1
+
+
 class ConsoleOutput:
-    """A byte sink for the UART that also watches lines."""
+    """A byte sink for the UART that also watches lines.  Thread-safe: vCPU threads write, the event loop
+    flushes."""
+
+    BUFFER_SIZE = 4096
 
     def __init__(self, fd: int | None, *, on_panic: Callable[[str], None] | None = None,
                  on_line: Callable[[bytes], None] | None = None, keep_lines: int = 200) -> None:
         self._fd = fd
+        self._buf = bytearray()  # not yet written to fd
         self._line = bytearray()
         self.tail: deque[bytes] = deque(maxlen=keep_lines)
         self._on_panic = on_panic
@@ -35,18 +50,49 @@ class ConsoleOutput:
         self.bytes_out = 0
 
     def __call__(self, data: bytes) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._fd, data)
-        self.bytes_out += len(data)
         with self._lock:
+            self.bytes_out += len(data)
+            newline = False
             for b in data:
                 if b == 0x0A:
                     self._finish_line()
+                    newline = True
                 elif b != 0x0D:
                     self._line.append(b)
                     if len(self._line) > 4096:
                         self._finish_line()
+            if self._fd is not None:
+                self._buf += data
+                if newline or len(self._buf) >= self.BUFFER_SIZE:
+                    self._write_out()
+
+    @property
+    def pending(self) -> bool:
+        """Bytes wait in the buffer."""
+        return bool(self._buf)
+
+    def flush(self) -> None:
+        """Write what the buffer holds.  Cheap when it is empty (the event loop calls it on a timer)."""
+        if self._buf:
+            with self._lock:
+                self._write_out()
+
+    def _write_out(self) -> None:
+        """With the lock held: write the whole buffer; what the console cannot take is dropped."""
+        buf, fd = self._buf, self._fd
+        waited = False
+        while buf and fd is not None:
+            try:
+                n = os.write(fd, buf)
+            except BlockingIOError:
+                if not waited and select.select([], [fd], [], WRITE_WAIT_S)[1]:
+                    waited = True  # once per flush: a console that stays full loses the rest
+                    continue
+                break
+            except OSError:  # closed or gone (EPIPE, EIO on a hung-up terminal): the guest must not notice
+                break
+            del buf[:n]
+        buf.clear()
 
     def _finish_line(self) -> None:
         line = bytes(self._line)

@@ -84,3 +84,6 @@ def report_result(result: VmResult, *, quiet: bool = False) -> None:
             print_err(line)
         for line in result.details:
             print_err(line)
+    if result.stats is not None:  # asked for with --stats: printed even with --quiet
+        for line in result.stats.table():
+            print_err(line)

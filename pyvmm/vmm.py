@@ -1,7 +1,13 @@
 """The running VM: vCPU threads, the event loop, and the one way to stop.
 
 Each vCPU thread loops on ``KVM_RUN`` and dispatches PIO/MMIO exits through the buses on its own
-thread.  The event loop (the caller's thread) serves ioeventfds, console input and timers.  Every way a
+thread.  That loop is the hot path (a Linux boot makes tens of thousands of exits): it decodes
+``kvm_run`` with ``struct`` at offsets derived from the ctypes structs (:mod:`pyvmm.kvm.exits`),
+dispatches through tables built once at start (address -> device method, :meth:`pyvmm.bus.Bus.handlers`)
+and takes no lock and makes no syscall of its own.  It comes in two variants, chosen once at start: the
+plain one, and the counting one of ``--stats`` (:mod:`pyvmm.exitstats`), which also times each exit.
+Where KVM coalesces the UART's port writes (:mod:`pyvmm.coalescing`), exits on the UART replay KVM's
+ring first.  The event loop (the caller's thread) serves ioeventfds, console input and timers.  Every way a
 VM ends — guest power-off or reset, a panic on the console, an unhandled exit, a signal, the timeout —
 goes through :meth:`Vmm.request_stop`: the first reason wins, the loop wakes, each vCPU gets
 ``immediate_exit`` and a signal so ``KVM_RUN`` returns ``EINTR``, and resources are released in
@@ -12,6 +18,7 @@ reverse order of creation.  A stop from outside (timeout, signal) also reports w
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -22,18 +29,24 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyvmm.bus import Bus
+from pyvmm.bus import Bus, Reader, Writer
+from pyvmm.coalescing import CoalescedWrites
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
+from pyvmm.exitstats import ExitCounter, ExitStats, process_age_s
 from pyvmm.kvm import abi
+from pyvmm.kvm import exits as kx
 from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.status import ExitStatus
-from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuReport
+from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
 
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
+# The event loop's housekeeping tick: replay the coalesced ring and flush the console buffer.  Short
+# enough that a key the guest echoes shows at once; the loop otherwise sleeps in epoll.
+CONSOLE_FLUSH_S = 0.02
 
 
 @dataclass
@@ -46,6 +59,18 @@ class VmResult:
     # Where each vCPU was, when the VM was stopped from outside (timeout, signal): pyvmm.stopreport
     vcpu_report: list[VcpuReport] = field(default_factory=list)
     last_console_line: str | None = None
+    # Exits by kind and register, and where the time went: only with --stats (Vmm(stats=True))
+    stats: ExitStats | None = None
+
+
+@dataclass
+class _Tables:
+    """The vCPU loop's dispatch tables: address -> the device's read(size) / write(size, value)."""
+
+    pio_r: dict[int, Reader]
+    pio_w: dict[int, Writer]
+    mmio_r: dict[int, Reader]
+    mmio_w: dict[int, Writer]
 
 
 class ArchExitHandler:
@@ -76,6 +101,8 @@ class Vmm:
         cleanup: contextlib.ExitStack,
         *,
         timeout: float | None = None,
+        stats: bool = False,
+        coalesced: CoalescedWrites | None = None,
     ) -> None:
         self.vcpus = vcpus
         self.pio = pio
@@ -86,6 +113,7 @@ class Vmm:
         self._cleanup = cleanup
         self.timeout = timeout
         self._result: VmResult | None = None
+        self._stop = False  # the vCPU loops' condition: a plain attribute, read once per exit
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.exits: Counter[str] = Counter()
@@ -101,14 +129,29 @@ class Vmm:
         # For the stop report: per-vCPU exit counters and RIP samples; kernel symbols, read only for a report.
         self.progress = ProgressWatch(v.index for v in vcpus)
         self.symbolize: Callable[[int], str | None] | None = None
+        self.coalesced = coalesced
+        self._tables = _Tables({}, {}, {}, {})
+        # --stats: the counting loop, chosen here once; each vCPU thread adds its counter at its end
+        self.stats = stats
+        self._vcpu_loop = self._counting_loop if stats else self._plain_loop
+        self._counters: list[ExitCounter] = []
+        self._age_at_start: float | None = None  # process age at started_at (for --stats)
+        self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------
     def request_stop(self, status: ExitStatus, reason: str) -> None:
-        """Thread-safe; the first call decides the result."""
+        """Thread-safe; the first call decides the result.  Guest writes still in KVM's coalesced ring are
+        replayed first, so the devices (the console's panic watcher) have seen all the guest did before."""
+        if self.coalesced is not None and self._result is None:
+            try:
+                self.coalesced.drain()
+            except Exception as err:  # a device bug must not prevent the stop
+                log.error("replaying the coalesced ring failed: %r", err)
         with self._lock:
             if self._result is not None:
                 return
             self._result = VmResult(status, reason)
+            self._stop = True
             self.progress.mark_stop(time.monotonic())
         for vcpu in self.vcpus:
             vcpu.kick()
@@ -132,6 +175,8 @@ class Vmm:
         """Run until the VM ends; always releases every resource.  Call from the main thread to get
         clean signal handling (elsewhere the vCPU kick relies on ``immediate_exit`` alone)."""
         self.started_at = time.monotonic()
+        if self.stats:
+            self._perf_at_start, self._age_at_start = time.perf_counter(), process_age_s()
         in_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[int, object] = {}
         try:
@@ -146,7 +191,9 @@ class Vmm:
                     ExitStatus.TIMEOUT, f"--timeout of {self.timeout:g} s expired"))
                 self.loop.call_at(self.started_at + max(0.0, self.timeout - REPORT_WINDOW_S), self._sample_rips)
             self._open_kernel_stats()
+            self._build_tables()
             self._mark_progress()
+            self._housekeeping()
             if self.profile_interval > 0 and in_main:
                 threading.Thread(target=self._sampler, name="sampler", daemon=True).start()
             self.first_run_at = time.monotonic()
@@ -161,6 +208,7 @@ class Vmm:
                 raise
             finally:
                 self._stop_threads()
+                self._final_drain()
                 self._stop_report()
                 for fn in self.on_stop:
                     try:
@@ -175,12 +223,49 @@ class Vmm:
         self._result.elapsed = time.monotonic() - self.started_at
         self._result.exits = self.exits
         self._result.details = self.arch.summary()
+        if self.stats:
+            self._result.stats = self._collect_stats(self._result.elapsed)
         if self.samples:
             path = os.environ.get("PYVMM_GUEST_PROFILE_OUT", "pyvmm-guest-profile.txt")
             with open(path, "w") as f:
                 f.writelines(f"{pc:#x}\n" for pc in self.samples)
             self._result.details.append(f"{len(self.samples)} guest PC samples written to {path}")
         return self._result
+
+    def _build_tables(self) -> None:
+        """The dispatch tables, once the buses are complete; UART addresses replay the coalesced ring."""
+        pio_r, pio_w = self.pio.handlers()
+        mmio_r, mmio_w = self.mmio.handlers()
+        if self.coalesced is not None:
+            self.coalesced.bind(self.pio, self.mmio)
+            self.coalesced.wrap(pio_r, pio_w, self.pio)
+        self._tables = _Tables(pio_r, pio_w, mmio_r, mmio_w)
+
+    def _housekeeping(self) -> None:
+        """On the event loop, every CONSOLE_FLUSH_S: replay the coalesced ring, flush the console."""
+        if self.coalesced is not None:
+            self.coalesced.drain()
+        self.console.flush()
+        if not self.stopping:
+            self.loop.call_at(time.monotonic() + CONSOLE_FLUSH_S, self._housekeeping)
+
+    def _final_drain(self) -> None:
+        """After the vCPU threads have left KVM_RUN (before the vCPUs are closed): the last coalesced
+        writes, then the console buffer."""
+        try:
+            if self.coalesced is not None:
+                self.coalesced.drain()
+        except Exception as err:  # keep stopping; report
+            log.error("replaying the coalesced ring at stop failed: %r", err)
+        self.console.flush()
+
+    def _collect_stats(self, wall_s: float) -> ExitStats:
+        firsts = [c.first_run for c in self._counters if c.first_run is not None]
+        start_to_first = None
+        if firsts and self._age_at_start is not None:
+            start_to_first = self._age_at_start + (min(firsts) - self._perf_at_start)
+        return ExitStats.collect(self._counters, wall_s=wall_s, start_to_first_run_s=start_to_first,
+                                 coalesced=self.coalesced.counts() if self.coalesced is not None else None)
 
     def _sampler(self) -> None:
         while not self.stopping:
@@ -252,76 +337,213 @@ class Vmm:
             log.debug("vCPU %d failed", vcpu.index, exc_info=True)
             self.request_stop(ExitStatus.VMM_ERROR, f"vCPU {vcpu.index}: {type(err).__name__}: {err}")
 
-    def _vcpu_loop(self, vcpu: VcpuFd) -> None:
-        run = vcpu.run_state
+    # Two variants of the same loop, chosen once in __init__ (self._vcpu_loop): _plain_loop, and
+    # _counting_loop for --stats.  They handle PIO and MMIO exits identically (tests/unit/test_vcpu_loop.py
+    # runs both on one script); every other exit goes through _other_exit.  In both, a guest mistake
+    # (an unclaimed address, an odd size) is the bus's to log and ignore; it never raises here.
+    def _plain_loop(self, vcpu: VcpuFd) -> None:
         view = vcpu.run_view
-        exits = self.exits
+        run = vcpu.run
+        t = self._tables
+        pio_r, pio_w, mmio_r, mmio_w = t.pio_r, t.pio_w, t.mmio_r, t.mmio_w
         pio, mmio = self.pio, self.mmio
+        io_unpack, io_off = kx.IO.unpack_from, kx.IO_OFFSET
+        mmio_unpack, mmio_off = kx.MMIO.unpack_from, kx.MMIO_OFFSET
+        mmio_data_pack, mmio_data_off = kx.MMIO_DATA.pack_into, kx.MMIO_DATA_OFFSET
+        pio_data, mask = kx.PIO_DATA, kx.MASK
+        exit_io, exit_mmio = _EXIT_IO, _EXIT_MMIO
         progress = self.progress.vcpu(vcpu.index)
         progress.enter()
+        n_io = n_mmio = 0
         reason = -1
-        while not self.stopping:
-            reason = vcpu.run()
-            progress.exits += 1
-            if reason == abi.KVM_EXIT_IO:
-                io = run.exit.io
-                size, port, count, off = io.size, io.port, io.count, io.data_offset
-                if io.direction == abi.KVM_EXIT_IO_OUT:
-                    for i in range(count):
-                        o = off + i * size
-                        pio.write(port, size, int.from_bytes(view[o : o + size], "little"))
+        try:
+            while not self._stop:
+                reason = run()
+                progress.exits += 1
+                if reason == exit_io:
+                    out, size, port, count, off = io_unpack(view, io_off)
+                    if count != 1:
+                        self._string_io(view, out, size, port, count, off)
+                    elif out:
+                        w = pio_w.get(port)
+                        value = view[off] if size == 1 else pio_data[size].unpack_from(view, off)[0]
+                        if w is None:
+                            pio.write(port, size, value)
+                        else:
+                            w(size, value)
+                    else:
+                        r = pio_r.get(port)
+                        value = (pio.read(port, size) if r is None else r(size)) & mask[size]
+                        if size == 1:
+                            view[off] = value
+                        else:
+                            pio_data[size].pack_into(view, off, value)
+                    n_io += 1
+                elif reason == exit_mmio:
+                    addr, data, length, is_write = mmio_unpack(view, mmio_off)
+                    if is_write:
+                        w = mmio_w.get(addr)
+                        if w is None:
+                            mmio.write(addr, length, data & mask[length])
+                        else:
+                            w(length, data & mask[length])
+                    else:
+                        r = mmio_r.get(addr)
+                        value = mmio.read(addr, length) if r is None else r(length)
+                        mmio_data_pack(view, mmio_data_off, value & mask[length])
+                    n_mmio += 1
                 else:
-                    for i in range(count):
-                        o = off + i * size
-                        view[o : o + size] = pio.read(port, size).to_bytes(size, "little")
-                exits["io"] += 1
-            elif reason == abi.KVM_EXIT_MMIO:
-                m = run.exit.mmio
-                length = m.len
-                if m.is_write:
-                    mmio.write(m.phys_addr, length, int.from_bytes(bytes(m.data)[:length], "little"))
+                    self._other_exit(vcpu, reason, progress)
+        finally:
+            self._add_exits(n_io, n_mmio)
+            progress.leave(in_guest=reason == abi.KVM_EXIT_INTR)  # interrupted in KVM_RUN, or busy in the VMM
+
+    def _counting_loop(self, vcpu: VcpuFd) -> None:
+        view = vcpu.run_view
+        run = vcpu.run
+        handle_io, handle_mmio = self._handle_io, self._handle_mmio
+        counter = ExitCounter()
+        pio_acc, mmio_acc, other_acc = counter.pio, counter.mmio, counter.other
+        perf = time.perf_counter
+        progress = self.progress.vcpu(vcpu.index)
+        progress.enter()
+        n_io = n_mmio = 0
+        in_kvm = 0.0
+        reason = -1
+        done = counter.first_run = perf()
+        try:
+            while not self._stop:
+                reason = run()
+                back = perf()
+                in_kvm += back - done
+                progress.exits += 1
+                if reason == _EXIT_IO:
+                    acc, key = pio_acc, handle_io(view)
+                    n_io += 1
+                elif reason == _EXIT_MMIO:
+                    acc, key = mmio_acc, handle_mmio(view)
+                    n_mmio += 1
                 else:
-                    value = mmio.read(m.phys_addr, length)
-                    ctypes_data = value.to_bytes(length, "little")
-                    for i in range(length):
-                        m.data[i] = ctypes_data[i]
-                exits["mmio"] += 1
-            elif reason == abi.KVM_EXIT_INTR:
-                progress.exits -= 1  # a kick or a signal, not the guest's doing
-                run.immediate_exit = 0 if not self.stopping else 1
-                if self._sample_due and not self.stopping:
-                    self.samples.append(self.arch.program_counter(vcpu))
-                if progress.rip_due and not self.stopping:
-                    progress.rip_due = False
-                    progress.rip_before = self._pc(vcpu)
-                exits["intr"] += 1
-            elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
-                exits["internal_error"] += 1
-                stop = self.arch.internal_error(vcpu)
-                if stop is not None:
-                    self.request_stop(*stop)
-            elif reason == abi.KVM_EXIT_SHUTDOWN:
-                exits["shutdown"] += 1
-                self.request_stop(ExitStatus.OK, "guest reset (triple fault)")
-            elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
-                ev = run.exit.system_event.type
-                if ev == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
-                    self.request_stop(ExitStatus.OK, "guest powered off")
-                elif ev == abi.KVM_SYSTEM_EVENT_RESET:
-                    self.request_stop(ExitStatus.OK, "guest rebooted")
-                else:
-                    self.request_stop(ExitStatus.GUEST_PANIC, f"guest system event {ev} (crash)")
-            elif reason == abi.KVM_EXIT_HLT:
-                exits["hlt"] += 1
-                self.request_stop(ExitStatus.OK, "guest halted")
-            elif reason == abi.KVM_EXIT_FAIL_ENTRY:
-                fe = run.exit.fail_entry
-                self.request_stop(ExitStatus.VMM_ERROR,
-                                  f"KVM_EXIT_FAIL_ENTRY: hardware reason {fe.hardware_entry_failure_reason:#x}")
+                    self._other_exit(vcpu, reason, progress)
+                    acc, key = other_acc, reason
+                done = perf()
+                a = acc.get(key)
+                if a is None:
+                    a = acc[key] = [0, 0.0]
+                a[0] += 1
+                a[1] += done - back
+        finally:
+            counter.in_kvm_s = in_kvm
+            with self._lock:
+                self._counters.append(counter)
+            self._add_exits(n_io, n_mmio)
+            progress.leave(in_guest=reason == abi.KVM_EXIT_INTR)
+
+    def _handle_io(self, view: memoryview) -> int:
+        """One KVM_EXIT_IO (the counting loop's; the plain loop has the same inline); returns its
+        statistics key, port << 1 | is_write."""
+        out, size, port, count, off = kx.IO.unpack_from(view, kx.IO_OFFSET)
+        t = self._tables
+        if count != 1:
+            self._string_io(view, out, size, port, count, off)
+        elif out:
+            w = t.pio_w.get(port)
+            value = view[off] if size == 1 else kx.PIO_DATA[size].unpack_from(view, off)[0]
+            if w is None:
+                self.pio.write(port, size, value)
             else:
-                name = abi.EXIT_NAMES.get(reason, str(reason))
-                self.request_stop(ExitStatus.VMM_ERROR, f"unexpected exit {name} on vCPU {vcpu.index}")
-        progress.leave(in_guest=reason == abi.KVM_EXIT_INTR)  # interrupted in KVM_RUN, or busy in the VMM
+                w(size, value)
+        else:
+            r = t.pio_r.get(port)
+            value = (self.pio.read(port, size) if r is None else r(size)) & kx.MASK[size]
+            if size == 1:
+                view[off] = value
+            else:
+                kx.PIO_DATA[size].pack_into(view, off, value)
+        return int(port << 1 | out)
+
+    def _handle_mmio(self, view: memoryview) -> int:
+        """One KVM_EXIT_MMIO (as _handle_io); returns address << 1 | is_write."""
+        addr, data, length, is_write = kx.MMIO.unpack_from(view, kx.MMIO_OFFSET)
+        t = self._tables
+        if is_write:
+            w = t.mmio_w.get(addr)
+            if w is None:
+                self.mmio.write(addr, length, data & kx.MASK[length])
+            else:
+                w(length, data & kx.MASK[length])
+        else:
+            r = t.mmio_r.get(addr)
+            value = self.mmio.read(addr, length) if r is None else r(length)
+            kx.MMIO_DATA.pack_into(view, kx.MMIO_DATA_OFFSET, value & kx.MASK[length])
+        return int(addr << 1 | is_write)
+
+    def _string_io(self, view: memoryview, out: int, size: int, port: int, count: int, off: int) -> None:
+        """``ins``/``outs`` (``rep`` included): ``count`` items of ``size`` bytes at ``off``, one port."""
+        if size not in kx.PIO_DATA or off + count * size > len(view):
+            log.debug("KVM_EXIT_IO with size %d count %d at %#x ignored", size, count, off)
+            return
+        data = kx.PIO_DATA[size]
+        t = self._tables
+        if out:
+            w = t.pio_w.get(port) or functools.partial(self.pio.write, port)
+            for i in range(count):
+                w(size, data.unpack_from(view, off + i * size)[0])
+        else:
+            r = t.pio_r.get(port) or functools.partial(self.pio.read, port)
+            for i in range(count):
+                data.pack_into(view, off + i * size, r(size) & kx.MASK[size])
+
+    def _add_exits(self, n_io: int, n_mmio: int) -> None:
+        with self._lock:
+            if n_io:
+                self.exits["io"] += n_io
+            if n_mmio:
+                self.exits["mmio"] += n_mmio
+
+    def _other_exit(self, vcpu: VcpuFd, reason: int, progress: VcpuProgress) -> None:
+        """Every exit but PIO and MMIO: rare, so through ctypes and with the shared counter."""
+        exits = self.exits
+        run = vcpu.run_state
+        if reason == abi.KVM_EXIT_INTR:
+            progress.exits -= 1  # a kick or a signal, not the guest's doing
+            run.immediate_exit = 0 if not self.stopping else 1
+            if self._sample_due and not self.stopping:
+                self.samples.append(self.arch.program_counter(vcpu))
+            if progress.rip_due and not self.stopping:
+                progress.rip_due = False
+                progress.rip_before = self._pc(vcpu)
+            exits["intr"] += 1
+        elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            exits["internal_error"] += 1
+            stop = self.arch.internal_error(vcpu)
+            if stop is not None:
+                self.request_stop(*stop)
+        elif reason == abi.KVM_EXIT_SHUTDOWN:
+            exits["shutdown"] += 1
+            self.request_stop(ExitStatus.OK, "guest reset (triple fault)")
+        elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            ev = run.exit.system_event.type
+            if ev == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+                self.request_stop(ExitStatus.OK, "guest powered off")
+            elif ev == abi.KVM_SYSTEM_EVENT_RESET:
+                self.request_stop(ExitStatus.OK, "guest rebooted")
+            else:
+                self.request_stop(ExitStatus.GUEST_PANIC, f"guest system event {ev} (crash)")
+        elif reason == abi.KVM_EXIT_HLT:
+            exits["hlt"] += 1
+            self.request_stop(ExitStatus.OK, "guest halted")
+        elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+            fe = run.exit.fail_entry
+            self.request_stop(ExitStatus.VMM_ERROR,
+                              f"KVM_EXIT_FAIL_ENTRY: hardware reason {fe.hardware_entry_failure_reason:#x}")
+        else:
+            name = abi.EXIT_NAMES.get(reason, str(reason))
+            self.request_stop(ExitStatus.VMM_ERROR, f"unexpected exit {name} on vCPU {vcpu.index}")
+
+
+_EXIT_IO = abi.KVM_EXIT_IO
+_EXIT_MMIO = abi.KVM_EXIT_MMIO
 
 
 def print_err(msg: str) -> None:

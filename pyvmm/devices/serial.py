@@ -62,6 +62,7 @@ UART_MSR_RI = 0x40
 UART_MSR_DCD = 0x80
 
 RX_FIFO_SIZE = 64
+_BYTE = [bytes((i,)) for i in range(256)]  # one transmitted byte, without making a bytes object per write
 
 
 class Serial16550:
@@ -112,7 +113,7 @@ class Serial16550:
         out: bytes | None = None
         with self._lock:
             if self._write(offset, value):
-                out = bytes((value,))
+                out = _BYTE[value]
             fire = self._update_irq()
         if out is not None and not self.mcr & UART_MCR_LOOP:
             self._output(out)

@@ -6,7 +6,8 @@ request numbers with the installed header.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from pyvmm.kvm.ioctl import KVMIO, io, iow, iowr
@@ -40,6 +41,40 @@ def checked(size: int) -> Callable[[_T], _T]:
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 s32 = ctypes.c_int32
+
+_SCALAR_CODES: dict[type, str] = {u8: "B", u16: "H", u32: "I", u64: "Q", s32: "i"}
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def unpacker(cls: type[ctypes.Structure], *, ints: Iterable[str] = ()) -> struct.Struct:
+    """A :class:`struct.Struct` that decodes ``cls``'s fields from a buffer in one call.
+
+    Built from the ctypes declaration, not typed by hand: each field at its ctypes offset (gaps become
+    pad bytes), little-endian (x86_64 and arm64 both are).  A ``u8[N]`` field decodes as ``bytes``, or,
+    when named in ``ints``, as one little-endian integer of N bytes (N = 1, 2, 4 or 8).  For hot paths
+    that must not go through ctypes attribute access: ``Struct.unpack_from(buf, offset)`` is one C call.
+    """
+    as_int = set(ints)
+    fmt, pos = "<", 0
+    for name, ftype, *_ in cls._fields_:
+        desc = getattr(cls, name)
+        if desc.offset < pos:
+            raise TypeError(f"{cls.__name__}.{name}: overlapping fields (a union) cannot be unpacked")
+        if desc.offset > pos:
+            fmt += f"{desc.offset - pos}x"
+        if name in as_int:
+            code = _INT_CODES[desc.size]
+        elif ftype in _SCALAR_CODES:
+            code = _SCALAR_CODES[ftype]
+        elif issubclass(ftype, ctypes.Array) and getattr(ftype, "_type_", None) is u8:
+            code = f"{desc.size}s"
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no struct code for {ftype.__name__}")
+        fmt += code
+        pos = desc.offset + desc.size
+    result = struct.Struct(fmt)
+    assert result.size == pos, (cls.__name__, fmt)
+    return result
 
 KVM_API_VERSION = 12
 
@@ -84,6 +119,11 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
+# KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO) returns the page offset of the coalesced ring in the vCPU
+# mapping (0: no ring); KVM_CAP_COALESCED_PIO says a zone may be a port range (api.rst 4.116
+# "KVM_(UN)REGISTER_COALESCED_MMIO").
+KVM_CAP_COALESCED_MMIO = 15
+KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_SPLIT_IRQCHIP = 121
 KVM_CAP_ONE_REG = 70
 KVM_CAP_DEVICE_CTRL = 89
@@ -166,6 +206,33 @@ class kvm_device_attr(AbiStruct):  # KVM_SET/GET/HAS_DEVICE_ATTR on a device fd;
     _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
 
 
+# --- coalesced MMIO/PIO (kvm.h "for KVM_REGISTER_COALESCED_MMIO / KVM_UNREGISTER_COALESCED_MMIO") --------
+# Writes inside a registered zone do not exit: the kernel appends them to a ring of
+# kvm_coalesced_mmio entries in a page shared by every vCPU of the VM (virt/kvm/coalesced_mmio.c), and
+# the VMM replays them later.  Reads still exit.
+@checked(16)
+class kvm_coalesced_mmio_zone(AbiStruct):
+    __slots__ = ()
+    # union { __u32 pad; __u32 pio; }: pio = 1 makes the zone a port range
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+@checked(24)
+class kvm_coalesced_mmio(AbiStruct):
+    __slots__ = ()
+    # union { __u32 pad; __u32 pio; }: copied from the zone the write hit
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+@checked(8)
+class kvm_coalesced_mmio_ring(AbiStruct):
+    """The ring's header: ``struct kvm_coalesced_mmio coalesced_mmio[]`` follows (a flexible array).
+    The kernel fills the entry at ``last`` and advances ``last``; userspace consumes at ``first``."""
+
+    __slots__ = ()
+    _fields_ = [("first", u32), ("last", u32)]
+
+
 # --- struct kvm_run (kvm.h), mapped from the vCPU fd ----------------------------------------------------
 class kvm_run_io(AbiStruct):
     __slots__ = ()
@@ -242,6 +309,8 @@ KVM_CREATE_VCPU = io(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = iow(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_CREATE_IRQCHIP = io(KVMIO, 0x60)
 KVM_IRQ_LINE = iow(KVMIO, 0x61, kvm_irq_level)
+KVM_REGISTER_COALESCED_MMIO = iow(KVMIO, 0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = iow(KVMIO, 0x68, kvm_coalesced_mmio_zone)
 KVM_IRQFD = iow(KVMIO, 0x76, kvm_irqfd)
 KVM_IOEVENTFD = iow(KVMIO, 0x79, kvm_ioeventfd)
 KVM_RUN = io(KVMIO, 0x80)
@@ -254,4 +323,4 @@ KVM_GET_DEVICE_ATTR = iow(KVMIO, 0xE2, kvm_device_attr)
 KVM_HAS_DEVICE_ATTR = iow(KVMIO, 0xE3, kvm_device_attr)
 
 __all__ = [name for name in globals() if name.isupper() or name.startswith("kvm_")]
-__all__ += ["AbiStruct", "AbiUnion", "checked", "iowr"]
+__all__ += ["AbiStruct", "AbiUnion", "checked", "iowr", "unpacker"]

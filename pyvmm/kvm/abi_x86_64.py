@@ -12,6 +12,9 @@ from pyvmm.kvm.abi import AbiStruct, checked, s32, u8, u16, u32, u64
 from pyvmm.kvm.ioctl import KVMIO, io, ior, iow, iowr
 
 KVM_NR_INTERRUPTS = 256
+# The coalesced ring's page in the vCPU mapping (asm/kvm.h); KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO)
+# returns the same number, and pyvmm uses what the kernel returns.
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2
 
 
 @checked(144)

@@ -67,6 +67,14 @@ class VmFd:
         arg = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags)
         self._call(f"KVM_IOEVENTFD addr={addr:#x} len={length}", abi.KVM_IOEVENTFD, arg)
 
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """``KVM_REGISTER_COALESCED_MMIO``: guest writes inside ``[addr, addr+size)`` (ports when ``pio``)
+        go to the coalesced ring instead of exiting (api.rst 4.116).  A port zone needs
+        ``KVM_CAP_COALESCED_PIO``; an older kernel would take ``pio`` for padding and coalesce MMIO."""
+        zone = abi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        self._call(f"KVM_REGISTER_COALESCED_MMIO {'pio' if pio else 'mmio'} addr={addr:#x} size={size}",
+                   abi.KVM_REGISTER_COALESCED_MMIO, zone)
+
     def enable_cap(self, cap: int, *args: int) -> None:
         arg = abi.kvm_enable_cap(cap=cap)
         for i, a in enumerate(args):

@@ -3,7 +3,10 @@
 Built from pyvmm's real pieces in the order ``builder.py`` uses (guest RAM, VM, in-kernel irqchip and
 PIT, memory slots, boot GDT and identity map, vCPU 0 in long mode at the load address, PIO/MMIO buses,
 event loop, :class:`~pyvmm.vmm.Vmm` with the x86 exit handler), minus the kernel loader and the
-devices.  The serial port is a byte recorder, and a write to ``layout.DEBUG_EXIT_PORT`` stops the VM.
+devices.  The serial port is a byte recorder (or the device a test passes as ``com1``), and a write to
+``layout.DEBUG_EXIT_PORT`` stops the VM.  ``coalesced_pio=True`` registers COM1's THR as a coalesced
+port zone as the real VMM does (where KVM can; :attr:`TinyVm.coalesced` is None where it cannot), and
+``stats=True`` runs the counting vCPU loop (``TinyResult.stats``).
 A test adds its own devices and eventfds before :meth:`TinyVm.run`::
 
     with TinyVm(Path("firmware/out/pio.bin")) as vm:
@@ -24,8 +27,10 @@ from pathlib import Path
 
 from pyvmm.arch.x86_64 import cpu, hostkvm, layout, machine
 from pyvmm.bus import Bus, BusDevice
+from pyvmm.coalescing import coalesce_port_writes
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
+from pyvmm.exitstats import ExitStats
 from pyvmm.interrupt import EventFd
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
@@ -52,6 +57,7 @@ class TinyResult:
     elapsed: float
     details: list[str] = field(default_factory=list)
     vcpu_report: list[VcpuReport] = field(default_factory=list)  # after a timeout: where the vCPU was
+    stats: ExitStats | None = None  # with TinyVm(stats=True)
 
 
 class Recorder:
@@ -86,18 +92,22 @@ class Recorder:
 
 
 class _SerialRecorder:
-    """COM1 just enough for a polling writer: THR captured, LSR always "transmitter empty"."""
+    """COM1 just enough for a polling writer: THR captured, LSR always "transmitter empty".  ``events``
+    has every access in the order the device saw them: ``("r", offset)`` and ``("w", offset, value)``."""
 
     LSR = 5
     LSR_THRE_TEMT = 0x60
 
     def __init__(self) -> None:
         self.data = bytearray()
+        self.events: list[tuple[str, int] | tuple[str, int, int]] = []
 
     def read(self, offset: int, size: int) -> int:
+        self.events.append(("r", offset))
         return self.LSR_THRE_TEMT if offset == self.LSR else 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        self.events.append(("w", offset, value))
         if offset == 0:
             self.data.append(value & 0xFF)
 
@@ -119,7 +129,9 @@ class TinyVm:
     ``symbols``: a file with the binary's symbols (``firmware/out/NAME.elf``) for the stop report."""
 
     def __init__(self, binary: Path | bytes, *, memory: int = DEFAULT_MEMORY, assist: bool | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, symbols: Path | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, symbols: Path | None = None, stats: bool = False,
+                 coalesced_pio: bool = False, com1: BusDevice | None = None,
+                 console: ConsoleOutput | None = None) -> None:
         self.host = hostkvm.detect()
         self.assist = self.host.software if assist is None else assist
         self.debug_exit_value: int | None = None
@@ -129,14 +141,16 @@ class TinyVm:
         stack = contextlib.ExitStack()  # handed to the Vmm, which closes it at the end of its run
         self._stack = stack
         try:
-            self._build(stack, image, memory, timeout)
+            self._build(stack, image, memory, timeout, stats=stats, coalesced_pio=coalesced_pio, com1=com1,
+                        console=console)
         except BaseException:
             stack.close()
             raise
         if symbols is not None:
             self.vmm.symbolize = KernelSymbols(symbols).lookup
 
-    def _build(self, stack: contextlib.ExitStack, image: bytes, memory: int, timeout: float) -> None:
+    def _build(self, stack: contextlib.ExitStack, image: bytes, memory: int, timeout: float, *, stats: bool,
+               coalesced_pio: bool, com1: BusDevice | None, console: ConsoleOutput | None) -> None:
         self.mem = GuestMemory(layout.ram_layout(memory))
         stack.callback(self.mem.close)
         kvm = Kvm()
@@ -155,7 +169,7 @@ class TinyVm:
         self.pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
         self.mmio = Bus("mmio")
         self.serial = _SerialRecorder()
-        self.pio.add(layout.COM1_PORT, 8, self.serial, "com1")
+        self.pio.add(layout.COM1_PORT, 8, com1 if com1 is not None else self.serial, "com1")
         self.pio.add(layout.DEBUG_EXIT_PORT, 1, _DebugExit(self), "debug-exit")
 
         vcpu = VcpuFd(self.vm.create_vcpu(0), 0, kvm.vcpu_mmap_size())
@@ -164,8 +178,10 @@ class TinyVm:
                            hide_xsave=self.host.software)
         self.vcpu = vcpu
         self.exit_handler = machine.X86ExitHandler(self.mem, assist=self.assist)
-        self.vmm = Vmm([vcpu], self.pio, self.mmio, self.loop, ConsoleOutput(None), self.exit_handler, stack,
-                       timeout=timeout)
+        self.coalesced = (coalesce_port_writes(self.vm, vcpu, layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8))
+                          if coalesced_pio else None)
+        self.vmm = Vmm([vcpu], self.pio, self.mmio, self.loop, console or ConsoleOutput(None), self.exit_handler,
+                       stack, timeout=timeout, stats=stats, coalesced=self.coalesced)
 
     # -- what a test adds before the run --------------------------------------------------------------
     def add_pio(self, port: int, size: int, device: BusDevice, name: str) -> None:
@@ -203,7 +219,7 @@ class TinyVm:
         counts = self.exit_handler.assist.counts if self.exit_handler.assist is not None else Counter[str]()
         return TinyResult(status=r.status, reason=r.reason, serial=bytes(self.serial.data),
                           debug_exit=self.debug_exit_value, exits=r.exits, assist=Counter(counts),
-                          elapsed=r.elapsed, details=r.details, vcpu_report=r.vcpu_report)
+                          elapsed=r.elapsed, details=r.details, vcpu_report=r.vcpu_report, stats=r.stats)
 
     def close(self) -> None:
         if not self._ran:  # never ran: the Vmm's cleanup stack was not closed yet

@@ -55,3 +55,78 @@ def test_last_line_for_the_stop_report() -> None:
     out(b"\n\x1b[1mbold\x1b[0m " + b"x" * 300 + b"\n")
     line = out.last_line()
     assert line is not None and "\x1b" not in line and len(line) <= 200 and line.startswith("?[1mbold")
+
+
+# -- buffered output: a write() per line, per 4 KiB, per flush; never per byte ------------------------------
+def _readable(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+def test_output_is_buffered_until_a_newline() -> None:
+    r, w = os.pipe()
+    out = ConsoleOutput(w)
+    for b in b"login: ":
+        out(bytes([b]))
+    assert _readable(r) == b""  # a prompt stays in the buffer...
+    assert out.pending
+    out.flush()  # ...until a flush (the event loop's timer, or the VM's end)
+    assert _readable(r) == b"login: "
+    assert not out.pending
+    for b in b"root\r\n":
+        out(bytes([b]))
+    assert _readable(r) == b"root\r\n"  # a newline writes the line at once
+    os.close(r)
+    os.close(w)
+
+
+def test_a_full_buffer_is_written_without_a_newline() -> None:
+    r, w = os.pipe()
+    out = ConsoleOutput(w)
+    for _ in range(ConsoleOutput.BUFFER_SIZE):
+        out(b"x")
+    assert _readable(r) == b"x" * ConsoleOutput.BUFFER_SIZE
+    assert out.bytes_out == ConsoleOutput.BUFFER_SIZE
+    os.close(r)
+    os.close(w)
+
+
+def test_the_line_watcher_sees_bytes_before_they_are_flushed() -> None:
+    panics: list[str] = []
+    r, w = os.pipe()
+    out = ConsoleOutput(w, on_panic=panics.append)
+    for b in b"Kernel panic - not syncing: VFS\n":
+        out(bytes([b]))
+    assert panics == ["Kernel panic - not syncing: VFS"]
+    assert out.last_line() == "Kernel panic - not syncing: VFS"
+    assert _readable(r) == b"Kernel panic - not syncing: VFS\n"
+    os.close(r)
+    os.close(w)
+
+
+def test_output_to_a_closed_fd_is_dropped_quietly() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    out = ConsoleOutput(w)
+    out(b"nobody reads this\n")  # EPIPE: the guest must not notice
+    out(b"tail")
+    out.flush()
+    assert out.bytes_out == len(b"nobody reads this\ntail")
+    os.close(w)
+
+
+def test_a_console_that_stays_full_loses_bytes_instead_of_hanging() -> None:
+    r, w = os.pipe2(os.O_NONBLOCK)
+    out = ConsoleOutput(w)
+    while True:  # fill the pipe
+        try:
+            os.write(w, b"x" * 4096)
+        except BlockingIOError:
+            break
+    out(b"this line does not fit\n")  # returns after a short wait, the line dropped
+    assert out.bytes_out == len(b"this line does not fit\n") and not out.pending
+    os.close(r)
+    os.close(w)

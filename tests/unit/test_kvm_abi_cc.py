@@ -32,6 +32,9 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "kvm_one_reg": (abi.kvm_one_reg, "struct kvm_one_reg"),
     "kvm_create_device": (abi.kvm_create_device, "struct kvm_create_device"),
     "kvm_device_attr": (abi.kvm_device_attr, "struct kvm_device_attr"),
+    "kvm_coalesced_mmio_zone": (abi.kvm_coalesced_mmio_zone, "struct kvm_coalesced_mmio_zone"),
+    "kvm_coalesced_mmio": (abi.kvm_coalesced_mmio, "struct kvm_coalesced_mmio"),
+    "kvm_coalesced_mmio_ring": (abi.kvm_coalesced_mmio_ring, "struct kvm_coalesced_mmio_ring"),  # + flex array
     "kvm_regs": (x86.kvm_regs, "struct kvm_regs"),
     "kvm_segment": (x86.kvm_segment, "struct kvm_segment"),
     "kvm_dtable": (x86.kvm_dtable, "struct kvm_dtable"),
@@ -139,6 +142,15 @@ def test_kvm_run_union_members(c_values: dict[str, int]) -> None:
                  "exit.system_event.type", "exit.system_event.data", "kvm_valid_regs", "s"):
         assert f"offset kvm_run.{path}" in c_values, path
     assert c_values["offset kvm_vcpu_events.exception_payload"] == 56
+
+
+def test_coalesced_ring_abi_is_checked(c_values: dict[str, int]) -> None:
+    """The coalesced-I/O pieces pyvmm reads without the kernel's help: the ring page and its entries."""
+    for name in ("KVM_CAP_COALESCED_MMIO", "KVM_CAP_COALESCED_PIO", "KVM_REGISTER_COALESCED_MMIO",
+                 "KVM_UNREGISTER_COALESCED_MMIO", "KVM_COALESCED_MMIO_PAGE_OFFSET"):
+        assert f"const {name}" in c_values, name
+    assert c_values["offset kvm_coalesced_mmio.pio"] == 12
+    assert c_values["offset kvm_coalesced_mmio_zone.pio"] == 12
 
 
 def test_request_numbers_match_header(c_values: dict[str, int]) -> None:

@@ -73,3 +73,20 @@ def test_bus_dispatch_overlap_and_unclaimed() -> None:
     assert bus.read(0x1234, 2) == 0xFFFF
     bus.write(0x1234, 1, 1)
     assert bus.unclaimed == 2
+
+
+def test_bus_dispatch_table_is_built_once_per_address() -> None:
+    """The vCPU loop's table: address -> the device's read/write with the offset bound in; ranges too big
+    for a table and unclaimed addresses are absent (the loop falls back to Bus.read/Bus.write)."""
+    bus = Bus("mmio")
+    a, big = Reg(), Reg()
+    bus.add(0xD000_0000, 0x200, a, "virtio")
+    bus.add(0x1_0000_0000, Bus.TABLE_MAX_RANGE + 1, big, "big")
+    readers, writers = bus.handlers()
+    assert set(readers) == set(writers) == set(range(0xD000_0000, 0xD000_0200))
+    assert readers[0xD000_0070](4) == 0x12
+    writers[0xD000_0050](4, 7)
+    assert a.log == [("r", 0x70, 4, 0), ("w", 0x50, 4, 7)]
+    assert 0x1_0000_0000 not in readers and bus.read(0x1_0000_0008, 4) == 0x12
+    bus.add(0x60, 1, Reg(), "late")
+    assert 0x60 in bus.handlers()[0]  # a device added later shows in the next table

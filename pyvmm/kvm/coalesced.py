@@ -1,0 +1,93 @@
+"""The coalesced MMIO/PIO ring: guest writes KVM recorded instead of exiting, read back in order.
+
+Layout from include/uapi/linux/kvm.h (``struct kvm_coalesced_mmio_ring``: ``__u32 first, last;`` then
+``struct kvm_coalesced_mmio coalesced_mmio[]``, each ``{__u64 phys_addr; __u32 len; union {__u32 pad;
+__u32 pio;}; __u8 data[8];}``), behaviour from virt/kvm/coalesced_mmio.c and api.rst 4.116
+("KVM_(UN)REGISTER_COALESCED_MMIO"):
+
+- the ring is one page of the vCPU mapping, at the page offset ``KVM_CHECK_EXTENSION(
+  KVM_CAP_COALESCED_MMIO)`` returns (2 on x86), and every vCPU of the VM shares it;
+- it holds ``(PAGE_SIZE - 8) / 24`` entries (170 with 4 KiB pages); the kernel writes the entry at
+  ``last`` and then advances ``last``; it keeps one slot free, and when the ring is full the write exits
+  to userspace as usual (so the VMM must replay the ring before handling such an exit);
+- userspace consumes entries from ``first`` and advances ``first``.
+
+The parser reads and writes the page with ``struct`` at fixed offsets (derived from the ctypes structs in
+:mod:`pyvmm.kvm.abi`), so it runs on the real mapping and on a ``bytearray`` in tests alike.  It takes no
+lock: callers that may drain from several threads serialise :meth:`CoalescedRing.drain` themselves.
+Memory ordering: the kernel publishes an entry before ``last`` (``smp_wmb``); on x86 (TSO) reading
+``last`` and then the entry needs no barrier, which is where pyvmm uses the ring (the UART's port).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from pyvmm.kvm import abi
+
+_HEADER = abi.unpacker(abi.kvm_coalesced_mmio_ring)  # first, last
+_ENTRY = abi.unpacker(abi.kvm_coalesced_mmio, ints=("data",))  # phys_addr, len, pio, data (as an integer)
+_FIRST = struct.Struct("<I")  # ring.first alone, for writing it back
+_HEADER_SIZE = ctypes.sizeof(abi.kvm_coalesced_mmio_ring)
+_ENTRY_SIZE = ctypes.sizeof(abi.kvm_coalesced_mmio)
+_FIRST_OFFSET = abi.kvm_coalesced_mmio_ring.first.offset
+assert abi.kvm_coalesced_mmio_ring.first.size == _FIRST.size
+_DATA_SIZE = abi.kvm_coalesced_mmio.data.size
+_MASK = [(1 << (8 * n)) - 1 for n in range(_DATA_SIZE + 1)]
+
+# deliver(address, length, is_pio, value): one guest write, replayed
+Deliver = Callable[[int, int, bool, int], None]
+
+
+class CoalescedRing:
+    """The ring at ``offset`` in ``buf`` (the vCPU mapping, or any writable buffer of a page)."""
+
+    def __init__(self, buf: Any, offset: int, page_size: int = mmap.PAGESIZE) -> None:
+        if len(memoryview(buf)) < offset + page_size:
+            raise ValueError(f"buffer of {len(memoryview(buf))} bytes holds no ring page at {offset:#x}")
+        self._buf = buf
+        self._header = offset
+        self._first = offset + _FIRST_OFFSET
+        self._entries = offset + _HEADER_SIZE
+        self.capacity = (page_size - _HEADER_SIZE) // _ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
+        self.drained = 0  # entries replayed so far (statistics)
+
+    def pending(self) -> int:
+        """How many entries wait in the ring (0 when its indices make no sense)."""
+        first, last = _HEADER.unpack_from(self._buf, self._header)
+        if first >= self.capacity or last >= self.capacity:
+            return 0
+        return int((last - first) % self.capacity)
+
+    def empty(self) -> bool:
+        """Nothing waits (the cheap check before taking a lock to :meth:`drain`)."""
+        first, last = _HEADER.unpack_from(self._buf, self._header)
+        return bool(first == last)
+
+    def drain(self, deliver: Deliver) -> int:
+        """Replay every waiting entry, oldest first, through ``deliver``; return how many.
+
+        Each entry is copied out and ``first`` advanced past it *before* it is delivered: a ``deliver``
+        that raises does not leave its entry to be replayed twice, and a ``deliver`` that drains the ring
+        itself (re-entrantly) leaves this loop consistent, since both indices are read afresh for every
+        entry.  Entries the kernel adds meanwhile (another vCPU) are replayed too, up to one ring's worth
+        per call: every entry that was there when the call began is replayed.
+        """
+        buf, cap, header = self._buf, self.capacity, self._header
+        n = 0
+        while n < cap:
+            first, last = _HEADER.unpack_from(buf, header)
+            if first == last or first >= cap or last >= cap:
+                break  # empty; or indices the kernel never leaves (it then stops coalescing: writes exit)
+            addr, length, pio, data = _ENTRY.unpack_from(buf, self._entries + first * _ENTRY_SIZE)
+            _FIRST.pack_into(buf, self._first, first + 1 if first + 1 < cap else 0)
+            if length > _DATA_SIZE:
+                length = _DATA_SIZE
+            n += 1
+            self.drained += 1
+            deliver(addr, length, pio != 0, data & _MASK[length])
+        return n
