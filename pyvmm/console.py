@@ -48,6 +48,9 @@ class ConsoleOutput:
         self._on_line = on_line
         self._lock = threading.Lock()
         self.bytes_out = 0
+        # The first kernel panic line seen, when panics are watched (``on_panic``): it decides how the VM
+        # ended, whatever the guest does after it (Vmm.request_stop).
+        self.panic_line: str | None = None
 
     def __call__(self, data: bytes) -> None:
         with self._lock:
@@ -101,7 +104,10 @@ class ConsoleOutput:
         if self._on_line is not None:
             self._on_line(line)
         if self._on_panic is not None and PANIC_MARKER in line:
-            self._on_panic(line.decode(errors="replace").strip())
+            text = line.decode(errors="replace").strip()
+            if self.panic_line is None:
+                self.panic_line = text
+            self._on_panic(text)
 
     def last_line(self, limit: int = 200) -> str | None:
         """The last non-empty line the guest wrote (an unfinished one counts), printable and at most

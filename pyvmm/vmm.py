@@ -44,6 +44,9 @@ from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, Vc
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
+# Endings that a kernel panic seen earlier on the console overrides (a VMM error or an emulation failure
+# stays what it is: that is pyvmm's or the host's to report).
+_AFTER_A_PANIC = frozenset({ExitStatus.OK, ExitStatus.TIMEOUT, ExitStatus.STOPPED})
 # The event loop's housekeeping tick: replay the coalesced ring and flush the console buffer.  Short
 # enough that a key the guest echoes shows at once; the loop otherwise sleeps in epoll.
 CONSOLE_FLUSH_S = 0.02
@@ -150,6 +153,11 @@ class Vmm:
         with self._lock:
             if self._result is not None:
                 return
+            panic = self.console.panic_line
+            if panic is not None and status in _AFTER_A_PANIC:
+                # A kernel with panic=-1 or panic=N resets right after its panic report, and a hung one
+                # runs into the timeout: the panic is still how the guest ended.
+                status, reason = ExitStatus.GUEST_PANIC, f"guest kernel panic: {panic} (then: {reason})"
             self._result = VmResult(status, reason)
             self._stop = True
             self.progress.mark_stop(time.monotonic())
