@@ -42,7 +42,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Byte-compile pyvmm once here: with PYTHONDONTWRITEBYTECODE set (as on our machines) Python would
+# otherwise compile every module from source at each `pyvmm run` (incremental: only changed files).
 venv: $(STAMP)
+	@$(PY) -m compileall -q pyvmm >/dev/null
 
 images: deps venv
 	$(PY) images/build.py

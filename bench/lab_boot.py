@@ -5,7 +5,10 @@ For each configuration (the default guest's kernel with its initramfs, and with 
 virtio-blk) and each VMM, the same kernel, initrd and disk are booted REPS times; measured from process
 start to the guest's ``PYVMM-INIT: start`` line on the console, and to the process exit (the guest's
 ``reboot -f``: pyvmm ends on the i8042 reset, QEMU with ``reboot=t`` + ``-no-reboot`` on the triple fault;
-microvm without ACPI cannot power off).  Prints a table; not a pass/fail test.
+microvm without ACPI cannot power off).  Run i of every VMM is made back to back with run i of the others
+(interleaved), so that noise on a busy machine hits them alike; the ratios of the medians are what to
+read.  pyvmm runs with ``--stats``, which also gives its exits per boot.  Prints a table and one line
+``ratio pyvmm/QEMU <configuration>: <ratio>`` per configuration; not a pass/fail test.
 
 On a software-KVM host (host-kvm.md) it re-runs itself inside the KVM lab (``pyvmm.lab``): ``make
 bench-lab``.  Usage: ``python bench/lab_boot.py [--reps N]``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import shutil
 import statistics
@@ -35,6 +39,8 @@ IMAGES = ROOT / "images" / "out"
 MARK = b"PYVMM-INIT: start"
 BOOT_TIMEOUT_S = 300.0
 BASE_CMDLINE = "console=ttyS0 panic=-1 8250.nr_uarts=1 pci=off"
+CONFIGS = ("initrd", "root disk")
+QEMU_NAME = "QEMU-KVM microvm"
 
 
 @dataclass
@@ -42,11 +48,26 @@ class Sample:
     to_init: float | None
     to_end: float
     status: int
+    exits: int | None = None  # pyvmm's exits to the VMM in the boot (from --stats)
+
+
+EXITS_LINE = re.compile(rb"exit statistics: (\d+) exits")
 
 
 def measure(cmd: list[str]) -> Sample:
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        to_init = _watch(proc, t0)
+        status = proc.wait()
+        end = time.monotonic() - t0
+        err.seek(0)
+        m = EXITS_LINE.search(err.read())
+    return Sample(to_init, end, status, int(m.group(1)) if m else None)
+
+
+def _watch(proc: subprocess.Popen[bytes], t0: float) -> float | None:
+    """Read the console until it closes (or the bound passes); when the /init marker appeared."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     seen = b""
@@ -66,12 +87,26 @@ def measure(cmd: list[str]) -> Sample:
             seen = seen[-64:] + data
             if MARK in seen:
                 to_init = time.monotonic() - t0
-    status = proc.wait()
-    return Sample(to_init, time.monotonic() - t0, status)
+    return to_init
+
+
+def import_summary(top: int = 6) -> str:
+    """What `pyvmm run` imports before it builds a VM, from ``python -X importtime``: the total and the
+    modules with the largest own cost (start-up is part of command-to-guest time)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import pyvmm.cli, pyvmm.runner, pyvmm.builder"],
+                          capture_output=True, text=True, check=False)
+    rows = []
+    for line in proc.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[0].strip().isdigit():
+            rows.append((int(parts[0]), parts[2].strip()))
+    total = sum(us for us, _ in rows) / 1000
+    largest = ", ".join(f"{name} {us / 1000:.1f}" for us, name in sorted(rows, reverse=True)[:top])
+    return f"\npyvmm start-up imports (python -X importtime): {len(rows)} modules, {total:.0f} ms; largest (ms): {largest}"
 
 
 def pyvmm_cmd(initrd: Path | None, disk: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "pyvmm", "run", "-q", "--console", "stdio", "--memory", "256M",
+    cmd = [sys.executable, "-m", "pyvmm", "run", "-q", "--stats", "--console", "stdio", "--memory", "256M",
            "--kernel", str(IMAGES / "vmlinux")]
     if initrd:
         return [*cmd, "--initrd", str(initrd), "--cmdline", f"{BASE_CMDLINE} reboot=k"]
@@ -101,32 +136,40 @@ def bench(reps: int) -> int:
         return 2
     vmms = {"pyvmm": pyvmm_cmd}
     if shutil.which("qemu-system-x86_64"):
-        vmms["QEMU-KVM microvm"] = qemu_cmd
+        vmms[QEMU_NAME] = qemu_cmd
     else:
         print("qemu-system-x86_64 is not installed: pyvmm only", file=sys.stderr)
-    rows = []
+    samples: dict[tuple[str, str], list[Sample]] = {(n, c): [] for c in CONFIGS for n in vmms}
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
-        for config in ("initrd", "root disk"):
-            for name, make in vmms.items():
-                samples = []
-                for i in range(reps):
+        for config in CONFIGS:
+            for i in range(reps):
+                for name, make in vmms.items():  # run i of each VMM back to back
                     disk = Path(tmp) / "rootfs.ext4"
                     shutil.copyfile(IMAGES / "rootfs.ext4", disk)
                     initrd = IMAGES / "initrd.cpio.gz" if config == "initrd" else None
                     s = measure(make(initrd, None if initrd else disk))
                     print(f"  {name:18} {config:10} run {i + 1}: /init {s.to_init if s.to_init is None else round(s.to_init, 2)} s, "
-                          f"end {s.to_end:.2f} s, exit {s.status}", file=sys.stderr, flush=True)
-                    samples.append(s)
-                rows.append((name, config, samples))
+                          f"end {s.to_end:.2f} s, exit {s.status}"
+                          + (f", {s.exits} exits" if s.exits is not None else ""), file=sys.stderr, flush=True)
+                    samples[(name, config)].append(s)
     where = "inside the KVM lab (QEMU TCG, nested SVM KVM)" if in_lab() else "on this host's KVM"
-    print(f"\nBoot time {where}, {reps} run(s) each: median (min-max) seconds from process start\n")
-    print("| VMM | boot | to /init marker | to guest end | exit status |")
-    print("|---|---|---|---|---|")
-    for name, config, samples in rows:
-        inits = [s.to_init for s in samples if s.to_init is not None]
-        statuses = ",".join(sorted({str(s.status) for s in samples}))
-        missed = f" ({len(samples) - len(inits)} never)" if len(inits) < len(samples) else ""
-        print(f"| {name} | {config} | {fmt(inits)}{missed} | {fmt([s.to_end for s in samples])} | {statuses} |")
+    print(f"\nBoot time {where}, {reps} run(s) each, interleaved: median (min-max) seconds from process start\n")
+    print("| VMM | boot | to /init marker | to guest end | exits to the VMM | exit status |")
+    print("|---|---|---|---|---|---|")
+    for (name, config), ss in samples.items():
+        inits = [s.to_init for s in ss if s.to_init is not None]
+        statuses = ",".join(sorted({str(s.status) for s in ss}))
+        missed = f" ({len(ss) - len(inits)} never)" if len(inits) < len(ss) else ""
+        exits = [s.exits for s in ss if s.exits is not None]
+        exit_text = f"{statistics.median(exits):.0f}" if exits else "-"
+        print(f"| {name} | {config} | {fmt(inits)}{missed} | {fmt([s.to_end for s in ss])} | {exit_text} | {statuses} |")
+    print()
+    for config in CONFIGS:
+        mine = [s.to_init for s in samples.get(("pyvmm", config), []) if s.to_init is not None]
+        theirs = [s.to_init for s in samples.get((QEMU_NAME, config), []) if s.to_init is not None]
+        if mine and theirs:
+            print(f"ratio pyvmm/QEMU {config}: {statistics.median(mine) / statistics.median(theirs):.2f}")
+    print(import_summary())
     print("\nkernel images/out/vmlinux (ELF; pyvmm loads it, QEMU boots its PVH entry), initrd "
           "images/out/initrd.cpio.gz, disk: a fresh copy of images/out/rootfs.ext4 per run")
     return 0
@@ -134,7 +177,7 @@ def bench(reps: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3, help="boots per VMM and configuration (default: 3)")
+    parser.add_argument("--reps", type=int, default=5, help="boots per VMM and configuration (default: 5)")
     args = parser.parse_args()
     if in_lab() or not hostkvm.detect().software:
         return bench(args.reps)

@@ -15,11 +15,13 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from pyvmm.errors import GuestMemoryError
+
+if TYPE_CHECKING:  # numpy is imported when a view is first asked for: `pyvmm run` starts without it
+    import numpy as np
+    import numpy.typing as npt
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -120,10 +122,13 @@ class GuestMemory:
         view[off : off + len(data)] = data
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
-        self.array(gpa, length)[:] = value
+        view, off = self._locate(gpa, length)
+        view[off : off + length] = bytes([value & 0xFF]) * length
 
-    def array(self, gpa: int, length: int, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[np.generic]:
+    def array(self, gpa: int, length: int, dtype: npt.DTypeLike = "u1") -> npt.NDArray[np.generic]:
         """A numpy view of ``length`` bytes at ``gpa`` (no copy)."""
+        import numpy as np  # deferred: most runs never need a view
+
         view, off = self._locate(gpa, length)
         return np.frombuffer(view, dtype=np.uint8, count=length, offset=off).view(dtype)
 

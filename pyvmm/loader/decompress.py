@@ -16,9 +16,6 @@ import struct
 import zlib
 from collections.abc import Callable
 
-import lz4.block
-import zstandard
-
 from pyvmm.errors import LoaderError
 
 ELF_MAGIC = b"\x7fELF"
@@ -74,16 +71,25 @@ def _lzma_with(fmt: int) -> Callable[[bytes], bytes]:
     return run
 
 
+# The zstd and lz4 bindings are imported by the decoders that use them: a boot from an ELF vmlinux (the
+# default) never pays for them at start-up.
 def _unzstd(data: bytes) -> bytes:
+    import zstandard
+
     # `zstd -22 --ultra` uses a window of up to 128 MiB; allow more than the library's default limit.
-    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
-    out = d.decompress(data)
+    try:
+        d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        out = d.decompress(data)
+    except zstandard.ZstdError as err:
+        raise ValueError(str(err)) from None
     if not d.eof:
         raise ValueError("truncated zstd stream")
     return bytes(out)
 
 
 def _unlz4_legacy(data: bytes) -> bytes:
+    import lz4.block
+
     if len(data) < 4 or _U32.unpack_from(data, 0)[0] != LZ4_LEGACY_MAGIC:
         raise ValueError("no lz4 legacy magic")
     out: list[bytes] = []
@@ -99,7 +105,10 @@ def _unlz4_legacy(data: bytes) -> bytes:
             break
         if size > len(data) - off:
             raise ValueError(f"block of {size} bytes at {off - 4:#x} runs past the end")
-        out.append(lz4.block.decompress(data[off : off + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+        try:
+            out.append(lz4.block.decompress(data[off : off + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+        except lz4.block.LZ4BlockError as err:
+            raise ValueError(str(err)) from None
         off += size
     if not out:
         raise ValueError("no lz4 blocks")
@@ -127,8 +136,6 @@ def decompress(payload: bytes) -> tuple[str, bytes]:
         EOFError,
         lzma.LZMAError,
         zlib.error,
-        zstandard.ZstdError,
-        lz4.block.LZ4BlockError,
     ) as e:
         raise LoaderError(f"corrupt {fmt} payload: {e}") from None
     return fmt, data

@@ -9,8 +9,6 @@ import ctypes
 import errno
 import struct
 
-import numpy as np
-
 from pyvmm.arch.x86_64 import layout
 from pyvmm.arch.x86_64.pagewalk import CR0_PG, CR4_PAE, EFER_LMA
 from pyvmm.arch.x86_64.pagewalk import PAGE_SIZE_BIT as PTE_PS
@@ -63,8 +61,8 @@ def write_identity_page_tables(mem: GuestMemory) -> None:
     for i in range(4):
         pd = layout.PD_ADDR + i * 0x1000
         mem.write_u64(layout.PDPT_ADDR + 8 * i, pd | PTE_PRESENT | PTE_RW)
-    pds = mem.array(layout.PD_ADDR, 4 * 0x1000, np.uint64)
-    pds[:] = (np.arange(4 * 512, dtype=np.uint64) << np.uint64(21)) | np.uint64(PTE_PRESENT | PTE_RW | PTE_PS)
+    flags = PTE_PRESENT | PTE_RW | PTE_PS
+    mem.write(layout.PD_ADDR, struct.pack(f"<{4 * 512}Q", *((i << 21) | flags for i in range(4 * 512))))
 
 
 def _segment(selector: int, *, code: bool) -> x86.kvm_segment:

@@ -1,0 +1,14 @@
+"""What ``pyvmm run`` imports before its first KVM_RUN: every module costs start-up time (tens of times
+more inside the KVM lab's emulated CPU), so the heavy ones that a boot does not need stay out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_run_path_does_not_import_numpy() -> None:
+    code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'lz4', 'zstandard')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
