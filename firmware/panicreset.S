@@ -7,13 +7,7 @@
 
 	.globl _start
 _start:
-	lea message(%rip), %rsi
-	mov $COM1, %dx
-1:	lodsb
-	test %al, %al
-	jz reset
-	outb %al, %dx
-	jmp 1b
+	puts message
 
 reset:	mov $0xfe, %al
 	outb %al, $0x64

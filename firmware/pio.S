@@ -6,15 +6,9 @@
 
 	.globl _start
 _start:
-	lea message(%rip), %rsi
-	mov $COM1, %dx
-1:	lodsb
-	test %al, %al
-	jz 2f
-	outb %al, %dx
-	jmp 1b
+	puts message
 
-2:	mov $PORT_IN, %dx
+	mov $PORT_IN, %dx
 	inb %dx, %al
 	mov $PORT_ECHO, %dx
 	outb %al, %dx

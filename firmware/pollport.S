@@ -11,15 +11,9 @@
 
 	.globl _start
 _start:
-	lea message(%rip), %rsi
-	mov $COM1, %dx
-1:	lodsb
-	test %al, %al
-	jz 2f
-	outb %al, %dx
-	jmp 1b
+	puts message
 
-2:	mov $PORT_ABSENT, %dx
+	mov $PORT_ABSENT, %dx
 poll:	inb %dx, %al
 	test $STATUS_BUSY, %al
 	jnz poll

@@ -6,13 +6,7 @@
 
 	.globl _start
 _start:
-	lea message(%rip), %rsi
-	mov $COM1, %dx
-1:	lodsb
-	test %al, %al
-	jz spin
-	outb %al, %dx
-	jmp 1b
+	puts message
 
 spin:	jmp spin
 

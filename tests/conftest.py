@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images" / "out"
 
 
-# Property-test examples actually run, per test (printed at the end: issue 6 asks for the count).
+# Property-test examples actually run, per test (printed at the end: how much fuzzing a run did).
 FUZZ_EXAMPLES: Counter[str] = Counter()
 
 

@@ -42,7 +42,7 @@ QEMU = "qemu-system-x86_64"
 QEMU_DEBIAN_PACKAGE = "qemu-system-x86"
 REPO = Path(__file__).resolve().parents[2]
 LAB_KERNEL = REPO / "images" / "out" / "lab-bzImage"
-# The arm64 lab (issue 9): qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
+# The arm64 lab: qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
 # Debian's stock arm64 kernel, an initramfs with its 9p modules, and an arm64 root with Python
 # (images/arm64.py builds all three).
 QEMU_ARM64 = "qemu-system-aarch64"

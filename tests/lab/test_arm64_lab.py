@@ -1,4 +1,4 @@
-"""The aarch64 machine (issue 9), end to end, in the arm64 KVM lab.
+"""The aarch64 machine, end to end, in the arm64 KVM lab.
 
 Runs on the x86 host (not marked ``lab``): ``pyvmm.lab`` starts ``qemu-system-aarch64 -M
 virt,virtualization=on,gic-version=3 -cpu max`` with Debian's arm64 kernel, whose ``/dev/kvm`` is KVM on an

@@ -1,4 +1,4 @@
-"""Durability (issue 6 item 4): what the guest was told is safe survives ``kill -9`` of pyvmm.
+"""Durability: what the guest was told is safe survives ``kill -9`` of pyvmm.
 
 The FLUSH contract these tests hold (README "Disks"):
 

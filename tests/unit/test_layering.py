@@ -1,4 +1,4 @@
-"""The dependency rules of docs/architecture.md, held by reading imports with ast."""
+"""The dependency rules of the architecture (pyvmm/ layers: kvm/ -> plumbing -> devices), held by reading imports with ast."""
 
 from __future__ import annotations
 
