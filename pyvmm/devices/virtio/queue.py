@@ -101,8 +101,8 @@ class DescriptorChain:
 # §2.7.10 require store/load ordering around avail_event).  Python cannot emit a fence instruction;
 # taking and releasing a lock executes an atomic read-modify-write, which on x86-64 (a `lock`-prefixed
 # instruction) is a full fence.  Store/store order (used elem before used idx) holds on x86-64 (TSO).
-# On aarch64 a lock's acquire/release pair is weaker than a `dmb ish` full barrier: the store/load
-# order the spec asks for there rests on the exclusive-access pair the lock uses.
+# On aarch64 a lock's acquire/release pair is weaker than a `dmb ish` full barrier: a store before it can
+# still become visible after a load that follows it, so there this is a best effort.
 _fence_lock = threading.Lock()
 
 
