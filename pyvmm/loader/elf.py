@@ -5,15 +5,16 @@ rest of ``p_memsz`` zeroed (System V ABI, "Program Loading").  For x86_64 vmlinu
 already physical: arch/x86/kernel/vmlinux.lds.S says ``ENTRY(phys_startup_64)``, with
 ``phys_startup_64 = ABSOLUTE(startup_64 - LOAD_OFFSET)``.  The PVH entry point, when the kernel has
 one, is the ELF note ``Xen``/``XEN_ELFNOTE_PHYS32_ENTRY`` (include/xen/interface/elfnote.h).
+
+The headers are read with ``struct`` (layouts: System V gABI, "ELF Header", "Program Header", "Section
+Header"; include/uapi/linux/elf.h ``Elf64_Ehdr``/``Elf64_Phdr``/``Elf64_Shdr``): loading needs a few
+fields of them, and a full ELF library costs more start-up time than the whole VM build.
 """
 
 from __future__ import annotations
 
-import io
 import struct
-
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.elffile import ELFFile
+from dataclasses import dataclass
 
 from pyvmm.errors import LoaderError
 from pyvmm.loader.kernel import LoadedKernel
@@ -27,25 +28,43 @@ X86_CMDLINE_SIZE = 2048 - 1
 # arch/x86/boot/header.S: initrd_addr_max is 0x7fffffff for every kernel since protocol 2.03.
 ELF_INITRD_ADDR_MAX = 0x7FFFFFFF
 
-_MACHINES = {
-    "EM_X86_64": "x86_64",
-    "EM_386": "i386",
-    "EM_AARCH64": "AArch64",
-    "EM_ARM": "ARM",
-    "EM_RISCV": "RISC-V",
-    "EM_PPC64": "PowerPC 64",
-    "EM_PPC": "PowerPC",
-    "EM_S390": "s390",
-    "EM_MIPS": "MIPS",
-    "EM_LOONGARCH": "LoongArch",
-}
+# e_machine values (gABI; include/uapi/linux/elf-em.h) named in errors about kernels of another kind.
+EM_X86_64 = 62
+_MACHINES = {3: "i386", 8: "MIPS", 20: "PowerPC", 21: "PowerPC 64", 22: "s390", 40: "ARM", 62: "x86_64",
+             183: "AArch64", 243: "RISC-V", 258: "LoongArch"}
+ET_EXEC = 2
+ELFCLASS64 = 2
+PT_LOAD, PT_NOTE = 1, 4
+SHT_NOTE = 7
+# Elf64_Ehdr after e_ident[16]: e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
+# e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+_EHDR = struct.Struct("<HHIQQQIHHHHHH")
+# Elf64_Phdr: p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+_PHDR = struct.Struct("<IIQQQQQQ")
+# Elf64_Shdr: sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, sh_addralign,
+# sh_entsize
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_EI_NIDENT = 16
+
+
+class _Corrupt(Exception):
+    """A header or table that points outside the file."""
+
+
+@dataclass(frozen=True)
+class _Segment:
+    ptype: int
+    offset: int
+    paddr: int
+    filesz: int
+    memsz: int
+
+
 _NOTE_HDR = struct.Struct("<III")  # namesz, descsz, type (Elf64_Nhdr)
 
 
-def _machine_name(e_machine: object) -> str:
-    if isinstance(e_machine, int):
-        return f"e_machine {e_machine}"
-    return _MACHINES.get(str(e_machine), str(e_machine).removeprefix("EM_"))
+def _machine_name(e_machine: int) -> str:
+    return _MACHINES.get(e_machine, f"e_machine {e_machine}")
 
 
 def _align4(n: int) -> int:
@@ -74,60 +93,72 @@ def load_elf(mem: GuestMemory, image: bytes, name: str) -> LoadedKernel:
     """Place the ``PT_LOAD`` segments of the ELF ``image`` (from file ``name``) in guest RAM."""
     try:
         return _load(mem, image, name)
-    except (ELFError, ELFParseError, struct.error) as e:
+    except (_Corrupt, struct.error) as e:
         raise LoaderError(f"{name}: corrupt ELF file: {e}") from None
+
+
+def _slice(image: bytes, offset: int, size: int, what: str) -> bytes:
+    if offset < 0 or size < 0 or offset + size > len(image):
+        raise _Corrupt(f"{what} at {offset:#x}+{size:#x} is past the end of the file ({len(image):#x} bytes)")
+    return image[offset : offset + size]
+
+
+def _table(image: bytes, offset: int, count: int, entsize: int, layout: struct.Struct,
+           what: str) -> list[tuple[int, ...]]:
+    if count and entsize < layout.size:
+        raise _Corrupt(f"{what} entries of {entsize} bytes (at least {layout.size} expected)")
+    raw = _slice(image, offset, count * entsize, what)
+    return [layout.unpack_from(raw, i * entsize) for i in range(count)]
 
 
 def _load(mem: GuestMemory, image: bytes, name: str) -> LoadedKernel:
     if not image.startswith(ELF_MAGIC):
         raise LoaderError(f"{name}: not an ELF file")
-    elf = ELFFile(io.BytesIO(image))
-    machine = elf.header["e_machine"]
-    if machine != "EM_X86_64":
+    ident = _slice(image, 0, _EI_NIDENT, "ELF identification")
+    # e_machine sits at the same offset in both classes; read it in the file's byte order (EI_DATA).
+    machine = int.from_bytes(_slice(image, 18, 2, "ELF header"), "big" if ident[5] == 2 else "little")
+    if machine != EM_X86_64:
         raise LoaderError(f"{name}: is an {_machine_name(machine)} kernel; this VMM boots x86_64 kernels")
-    if elf.elfclass != 64:
+    if ident[4] != ELFCLASS64:
         raise LoaderError(f"{name}: is a 32-bit ELF; an x86_64 kernel is ELFCLASS64")
-    if elf.header["e_type"] != "ET_EXEC":
-        raise LoaderError(f"{name}: is not an executable ELF ({elf.header['e_type']})")
+    (e_type, _machine, _version, entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
+     _shstrndx) = _EHDR.unpack_from(_slice(image, _EI_NIDENT, _EHDR.size, "ELF header"))
+    if e_type != ET_EXEC:
+        raise LoaderError(f"{name}: is not an executable ELF (e_type {e_type})")
 
+    segments = [_Segment(p[0], p[2], p[4], p[5], p[6])
+                for p in _table(image, phoff, phnum, phentsize, _PHDR, "program header table")]
     loads, pvh_entry = [], None
-    for seg in elf.iter_segments():
-        ptype = seg["p_type"]
-        if ptype == "PT_NOTE" and pvh_entry is None:
-            pvh_entry = parse_pvh_note(seg.data())
-        if ptype == "PT_LOAD" and seg["p_memsz"] > 0:
-            if seg["p_filesz"] > seg["p_memsz"]:
-                raise LoaderError(
-                    f"{name}: corrupt ELF file: PT_LOAD at {seg['p_paddr']:#x} has p_filesz > p_memsz"
-                )
+    for seg in segments:
+        if seg.ptype == PT_NOTE and pvh_entry is None:
+            pvh_entry = parse_pvh_note(_slice(image, seg.offset, seg.filesz, "note segment"))
+        if seg.ptype == PT_LOAD and seg.memsz > 0:
+            if seg.filesz > seg.memsz:
+                raise LoaderError(f"{name}: corrupt ELF file: PT_LOAD at {seg.paddr:#x} has p_filesz > p_memsz")
             loads.append(seg)
     if not loads:
         raise LoaderError(f"{name}: ELF file has no loadable segment")
-    start = min(seg["p_paddr"] for seg in loads)
-    end = max(seg["p_paddr"] + seg["p_memsz"] for seg in loads)
+    start = min(seg.paddr for seg in loads)
+    end = max(seg.paddr + seg.memsz for seg in loads)
     # Check every segment before writing any, so the error can say how much RAM the kernel needs.
     for seg in loads:
-        paddr, memsz = seg["p_paddr"], seg["p_memsz"]
-        if not mem.contains(paddr, memsz):
+        if not mem.contains(seg.paddr, seg.memsz):
             raise LoaderError(
-                f"{name}: segment {paddr:#x}-{paddr + memsz:#x} does not fit in guest RAM "
+                f"{name}: segment {seg.paddr:#x}-{seg.paddr + seg.memsz:#x} does not fit in guest RAM "
                 f"(the kernel needs at least {_mib(end)} MiB)"
             )
     for seg in loads:
-        paddr, filesz, memsz = seg["p_paddr"], seg["p_filesz"], seg["p_memsz"]
-        data = seg.data()
-        if len(data) != filesz:
-            raise LoaderError(f"{name}: truncated ELF file (segment at {paddr:#x})")
-        mem.write(paddr, data)
-        mem.fill(paddr + filesz, memsz - filesz)
-    if pvh_entry is None:
-        for sec in elf.iter_sections():
-            if sec["sh_type"] == "SHT_NOTE":
-                pvh_entry = parse_pvh_note(sec.data())
+        if seg.offset + seg.filesz > len(image):
+            raise LoaderError(f"{name}: truncated ELF file (segment at {seg.paddr:#x})")
+        mem.write(seg.paddr, memoryview(image)[seg.offset : seg.offset + seg.filesz])
+        mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
+    if pvh_entry is None and shnum:
+        for sh in _table(image, shoff, shnum, shentsize, _SHDR, "section header table"):
+            if sh[1] == SHT_NOTE:
+                pvh_entry = parse_pvh_note(_slice(image, sh[4], sh[5], "note section"))
                 if pvh_entry is not None:
                     break
 
-    entry = elf.header["e_entry"]
     if not start <= entry < end:
         raise LoaderError(f"{name}: entry point {entry:#x} is outside the loaded segments")
     return LoadedKernel(

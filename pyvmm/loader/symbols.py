@@ -33,9 +33,10 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.elffile import ELFFile
+if TYPE_CHECKING:  # pyelftools is imported when symbols are first read (a stop report), not at start-up
+    from elftools.elf.elffile import ELFFile
 
 ELF_MAGIC = b"\x7fELF"
 _ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
@@ -156,6 +157,9 @@ def read_system_map(path: str | os.PathLike[str]) -> SymbolTable:
 def read_elf_symbols(path: str | os.PathLike[str]) -> SymbolTable | None:
     """The symbols of an ELF64 little-endian file's ``.symtab``; None when the file is not such an ELF, has
     no symbol table (stripped) or cannot be read."""
+    from elftools.common.exceptions import ELFError, ELFParseError
+    from elftools.elf.elffile import ELFFile
+
     try:
         with open(path, "rb") as f:
             if f.read(4) != ELF_MAGIC:
