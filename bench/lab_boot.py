@@ -90,6 +90,19 @@ def _watch(proc: subprocess.Popen[bytes], t0: float) -> float | None:
     return to_init
 
 
+EXIT_ITERATIONS = 5000  # per phase of bench/exits.py; exits cost hundreds of microseconds in the lab
+
+
+def exit_costs() -> str:
+    """What one exit costs here, from bench/exits.py's tiny guest (run in this process: inside the lab the
+    project tree is read-only, so its JSON output is skipped)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import exits  # bench/exits.py
+
+    return ("\nexit round trips here (bench/exits.py, tiny guest firmware/exitloop.S, minus the empty loop)\n"
+            + exits.table(exits.measure(EXIT_ITERATIONS)))
+
+
 def import_summary(top: int = 6) -> str:
     """What `pyvmm run` imports before it builds a VM, from ``python -X importtime``: the total and the
     modules with the largest own cost (start-up is part of command-to-guest time)."""
@@ -170,6 +183,7 @@ def bench(reps: int) -> int:
         if mine and theirs:
             print(f"ratio pyvmm/QEMU {config}: {statistics.median(mine) / statistics.median(theirs):.2f}")
     print(import_summary())
+    print(exit_costs())
     print("\nkernel images/out/vmlinux (ELF; pyvmm loads it, QEMU boots its PVH entry), initrd "
           "images/out/initrd.cpio.gz, disk: a fresh copy of images/out/rootfs.ext4 per run")
     return 0
