@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -94,7 +93,7 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
 
 def host_arch() -> str:
     """The architecture pyvmm builds machines for: the host's own (KVM runs guests of its own kind)."""
-    return platform.machine()
+    return os.uname().machine
 
 
 def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:

@@ -11,7 +11,6 @@ ctypes calls release the GIL, so a vCPU thread blocked in ``KVM_RUN`` does not s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any
 
@@ -55,7 +54,9 @@ def iowr(typ: int, nr: int, struct: type[ctypes._CData] | int) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, typ, nr, _size(struct))
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The libc this process already runs on (dlopen(NULL)); ctypes.util.find_library would run ldconfig as a
+# subprocess at every start-up.
+_libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.restype = ctypes.c_int
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
