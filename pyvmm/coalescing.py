@@ -80,9 +80,11 @@ class CoalescedWrites:
             bus.write(addr, size, value)
 
     def drain(self) -> None:
-        """Replay what the ring holds (from any thread)."""
-        if not self.ring.empty():
-            with self._lock:
+        """Replay what the ring holds (from any thread).  Always under the lock, even when the ring looks
+        empty: another thread may have consumed an entry and still be delivering it, and an access to the
+        device must not overtake a write the guest made before it (a divisor byte before an LCR write)."""
+        with self._lock:
+            if not self.ring.empty():
                 self.ring.drain(self._deliver)
 
     def wrap(self, readers: dict[int, Reader], writers: dict[int, Writer], pio: Bus) -> None:
