@@ -46,7 +46,7 @@ import threading
 import time
 import tty
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -56,26 +56,52 @@ from pexpect.spawnbase import SpawnBase
 
 from pyvmm.config import DiskConfig, parse_memory
 from pyvmm.configfile import RunSettings, load_file, normalise_trace
-from pyvmm.errors import VmmError
+from pyvmm.errors import ConfigError, VmmError
 from pyvmm.status import ExitStatus
 from pyvmm.stopreport import VcpuReport, parse_report
 
 __all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "PtyChild",
-           "VmTimeout"]
+           "VmState", "VmTimeout"]
 
 TRANSCRIPT_LIMIT = 16 << 20  # characters of console transcript kept (the oldest are dropped)
 DEFAULT_EXPECT_TIMEOUT = 30.0
 DEFAULT_RUN_TIMEOUT = 60.0
 STOP_GRACE_S = 10.0
+STATUS_GRACE_S = 5.0  # how long a console error waits for pyvmm to exit once the console closed
 CTRL_A = "\x01"  # pyvmm's console escape on a terminal: a literal Ctrl-A is sent as Ctrl-A Ctrl-A
 
 
-class ConsoleError(VmmError):
-    """The console did not show what was expected; ``tail`` is the console's last lines."""
+LOG_TAIL_LINES = 20  # lines of pyvmm's log an error message quotes
 
-    def __init__(self, message: str, tail: str = "") -> None:
-        super().__init__(message + (f"\n--- console tail ---\n{tail}" if tail else ""))
+
+class VmState(NamedTuple):
+    """What an error says about the VM behind a console: its exit status (None while it runs), a line
+    describing that, and the last lines of pyvmm's log."""
+
+    status: int | None
+    summary: str
+    log_tail: str
+
+
+class ConsoleError(VmmError):
+    """The console did not show what was expected.
+
+    ``tail`` is the console's last lines.  For a :class:`VM`'s console, ``status`` is pyvmm's exit status
+    (None while it still runs) and ``log_tail`` the last lines of its log; both are in the message too.
+    """
+
+    def __init__(self, message: str, tail: str = "", *, vm: VmState | None = None) -> None:
+        parts = [message]
+        if vm is not None:
+            parts.append(vm.summary)
+            if vm.log_tail:
+                parts.append(f"--- pyvmm log (last lines) ---\n{vm.log_tail}")
+        if tail:
+            parts.append(f"--- console tail ---\n{tail}")
+        super().__init__("\n".join(parts))
         self.tail = tail
+        self.status = None if vm is None else vm.status
+        self.log_tail = "" if vm is None else vm.log_tail
 
 
 class ConsoleTimeout(ConsoleError, TimeoutError):
@@ -87,7 +113,13 @@ class ConsoleEOF(ConsoleError):
 
 
 class VmTimeout(VmmError, TimeoutError):
-    """:meth:`VM.wait` timed out: the VM is still running."""
+    """:meth:`VM.wait` timed out: the VM is still running (``status`` None); ``log_tail`` is the end of
+    pyvmm's log."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.status: int | None = None
+        self.log_tail = log_tail
 
 
 class CommandResult(NamedTuple):
@@ -208,14 +240,19 @@ class Console:
 
     ``escape`` is a control character the other side treats specially and wants doubled (pyvmm's
     console escape, Ctrl-A, for a VM).  ``transcript`` returns the full console text for error reports
-    (by default, what this object has read).
+    (by default, what this object has read).  ``vm_state`` (given by :class:`VM`) adds the VM's exit
+    status and the end of pyvmm's log to every :class:`ConsoleError`.
     """
 
-    def __init__(self, child: Any, *, escape: str | None = None, transcript: Any = None) -> None:
+    def __init__(self, child: Any, *, escape: str | None = None, transcript: Any = None,
+                 vm_state: Callable[[bool], VmState] | None = None) -> None:
         self.child = child
         self._escape = escape
         self._log: list[str] = []
         self._transcript = transcript
+        # For a VM's console: the VM's exit status and log for error messages (the argument says whether
+        # the console has closed, i.e. the VM is ending)
+        self._vm_state = vm_state
         if transcript is None:
             child.logfile_read = self  # pexpect calls write()/flush() with what it reads
 
@@ -247,11 +284,15 @@ class Console:
         try:
             self.child.expect(patterns, timeout=timeout)
         except pexpect.TIMEOUT:
-            raise ConsoleTimeout(f"no {_show(patterns)} on the console within {timeout} s", self.tail()) from None
+            raise self._error(ConsoleTimeout, f"no {_show(patterns)} on the console within {timeout} s") from None
         except pexpect.EOF:
-            raise ConsoleEOF(f"the console closed before {_show(patterns)} appeared", self.tail()) from None
+            raise self._error(ConsoleEOF, f"the console closed before {_show(patterns)} appeared") from None
         match: re.Match[str] = self.child.match
         return match
+
+    def _error(self, cls: type[ConsoleError], message: str) -> ConsoleError:
+        vm = self._vm_state(cls is ConsoleEOF) if self._vm_state is not None else None
+        return cls(message, self.tail(), vm=vm)
 
     def expect_exact(self, text: str, timeout: float | None = DEFAULT_EXPECT_TIMEOUT) -> None:
         """Wait for a literal string in the console output."""
@@ -283,8 +324,8 @@ class Console:
                 return
             except ConsoleTimeout:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise ConsoleTimeout(f"no shell answered on the console within {timeout} s",
-                                         self.tail()) from None
+                    raise self._error(ConsoleTimeout,
+                                      f"no shell answered on the console within {timeout} s") from None
 
     def run(self, cmd: str, timeout: float | None = DEFAULT_RUN_TIMEOUT) -> CommandResult:
         """Run ``cmd`` in the shell on the console; return its exit status and output.
@@ -323,6 +364,27 @@ def _disk(spec: DiskSpec) -> DiskConfig:
     return DiskConfig(Path(spec))
 
 
+def _memory(memory: str | int) -> int:
+    """An integer is MiB, as ``--memory 512`` and ``memory = 512`` in a config file; a string is a size."""
+    if isinstance(memory, bool) or not isinstance(memory, str | int):
+        raise ConfigError(f"bad memory {memory!r}: expected a size such as \"512M\" or a number of MiB")
+    return parse_memory(str(memory))
+
+
+def _check_files(settings: RunSettings) -> None:
+    """The files the child will open exist (a directory is not an image): one error naming the first that
+    does not, instead of a child that fails to start."""
+    files = [("kernel", settings.kernel), ("initrd", settings.initrd)]
+    files += [("disk image", d.path) for d in settings.disks]
+    for what, path in files:
+        if path is None:
+            continue
+        if not path.exists():
+            raise ConfigError(f"{what} {path}: no such file")
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a directory")
+
+
 _PR_SET_PDEATHSIG = 1
 _libc_prctl: Any = None
 
@@ -357,9 +419,14 @@ class VM:
 
     Configure it with the same options as ``pyvmm run`` (``config`` = a TOML config file; the keyword
     arguments override it), then :meth:`start` (or use it as a context manager, which starts it and
-    always stops it and cleans up).  ``memory`` is a size string (``"256M"``) or a number of bytes;
-    ``disks`` are ``--disk`` spec strings, paths or :class:`~pyvmm.config.DiskConfig`; ``trace`` is a
+    always stops it and cleans up).  ``memory`` is a size string (``"256M"``, ``"1G"``) or an integer
+    number of MiB, as on the command line and in config files; ``disks`` are ``--disk`` spec strings
+    (``"path=base.img,snapshot=on"``), paths or :class:`~pyvmm.config.DiskConfig`; ``trace`` is a
     selector string or list (``"virtio"``).  ``extra_args`` are appended to the ``pyvmm run`` command.
+
+    The options are checked here, by the checks ``pyvmm run`` makes, and so is that the kernel, initrd
+    and disk images exist: a mistake raises :class:`~pyvmm.errors.ConfigError` (one line naming the value
+    or the file) before anything starts.
     """
 
     def __init__(
@@ -391,14 +458,15 @@ class VM:
             "cmdline": cmdline, "cpus": cpus, "boot": boot, "workarounds": workarounds,
             "timeout": None if timeout is None else float(timeout), "panic_exit": panic_exit,
             "trace_file": None if trace_file is None else Path(trace_file), "verbose": verbose,
-            "memory": (parse_memory(memory) if isinstance(memory, str) else memory),
+            "memory": None if memory is None else _memory(memory),
             "disks": None if disks is None else tuple(_disk(d) for d in disks),
             "trace": None if trace is None else normalise_trace([trace] if isinstance(trace, str) else list(trace)),
         }
         values.update({k: v for k, v in given.items() if v is not None})
         values["console"] = "stdio"
-        self.settings = RunSettings(**values)
-        self.settings.vm_config()  # validate now: a bad option raises ConfigError here, not in the child
+        self.settings = RunSettings(**values)  # validates: a bad option raises ConfigError here, not in the child
+        self.settings.vm_config()
+        _check_files(self.settings)
         self.name = name
         self.extra_args = list(extra_args)
         self.env = dict(env) if env is not None else None
@@ -450,7 +518,8 @@ class VM:
         self.started_at = time.monotonic()
         self._finalizer = weakref.finalize(self, _kill, self._proc)
         self._child = PtyChild(master)
-        self._console = Console(self._child, escape=CTRL_A, transcript=lambda: self.console_text)
+        self._console = Console(self._child, escape=CTRL_A, transcript=lambda: self.console_text,
+                                vm_state=self._state_for_error)
         return self
 
     @property
@@ -492,8 +561,19 @@ class VM:
         try:
             code = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise VmTimeout(f"{self.name} still running after {timeout} s\n{self.explain()}") from None
+            raise VmTimeout(f"{self.name} still running after {timeout} s\n{self.explain()}",
+                            self.log_tail()) from None
         return self._ended(code)
+
+    def _state_for_error(self, console_closed: bool) -> VmState:
+        """The VM's status and log for a console error.  When the console has closed pyvmm is exiting: give
+        it a moment, so the error can say how the VM ended."""
+        if console_closed and self._proc is not None and self.status is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._ended(self._proc.wait(STATUS_GRACE_S))
+        status = self.poll()
+        return VmState(status, f"{self.name}: {self._describe(status)} after {self.elapsed:.1f} s",
+                       self.log_tail())
 
     def _ended(self, code: int) -> int:
         if self.status is None:
@@ -578,16 +658,21 @@ class VM:
             return 0.0
         return (self.ended_at or time.monotonic()) - self.started_at
 
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of pyvmm's log."""
+        return "\n".join(self.log.rstrip().splitlines()[-lines:])
+
+    def _describe(self, status: int | None) -> str:
+        if status is None:
+            return "running" if self._proc is not None else "not started"
+        try:
+            return f"exit status {status} ({ExitStatus(status).name})"
+        except ValueError:
+            return f"exit status {status}"
+
     def explain(self, lines: int = 30) -> str:
         """A report for assertion messages: status, pyvmm's log and the console tail."""
-        status = self.poll()
-        if status is None:
-            state = "running" if self._proc is not None else "not started"
-        else:
-            try:
-                state = f"exit status {status} ({ExitStatus(status).name})"
-            except ValueError:
-                state = f"exit status {status}"
+        state = self._describe(self.poll())
         return (f"{self.name}: {state} after {self.elapsed:.1f} s\n--- pyvmm log ---\n{self.log.rstrip()}\n"
                 f"--- console tail ---\n{self.console_tail(lines)}")
 

@@ -246,12 +246,15 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
         classes = ", ".join(c for c in EVENT_CLASSES if c in config.trace)
         report.notes.append(f"virtio trace ({classes}) to {config.trace_file or 'stderr'}")
     for index, disk_cfg in enumerate(config.disks):
+        # A snapshot disk only reads its image (the guest's writes go to a private overlay), so like a
+        # read-only one it may share the image with other readers.
+        reads_only = disk_cfg.readonly or disk_cfg.snapshot
         try:
             st = os.stat(disk_cfg.path)
             key = (st.st_dev, st.st_ino)
-            if key in seen and not (disk_cfg.readonly and seen[key] == "ro"):
+            if key in seen and not (reads_only and seen[key] == "ro"):
                 raise ConfigError(f"disk {disk_cfg.path} is given twice; a writable disk can be attached once")
-            seen[key] = "ro" if disk_cfg.readonly else "rw"
+            seen[key] = "ro" if reads_only else "rw"
         except FileNotFoundError:
             pass  # the device reports a missing image in its own words
         try:
@@ -271,8 +274,9 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
             loop.add(efd.fd, _notifier(efd, transport, q))
         if cmdline is not None:
             cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
-        report.notes.append(f"{name}: {disk_cfg.path}"
-                            f"{' (read-only)' if disk_cfg.readonly else ''} at {base:#x} irq {irq}")
+        mode = (" (read-only)" if disk_cfg.readonly
+                else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
+        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}")
 
 
 def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:

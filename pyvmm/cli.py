@@ -54,7 +54,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, metavar="N", help=f"number of vCPUs (default: {d.cpus})")
     p.add_argument("--disk", action="append", dest="disks", metavar="SPEC",
                    help="virtio-blk disk: path=IMG[,readonly=on][,serial=ID][,cache=writeback|none]"
-                        "[,discard=on|off]; repeat for vdb, vdc, ... (replaces the config file's disks)")
+                        "[,discard=on|off][,snapshot=on]; snapshot=on: the guest may write, but its writes go "
+                        "to a temporary overlay (in $TMPDIR, else /var/tmp) that is discarded at exit, and IMG "
+                        "is only read; repeat for vdb, vdc, ... (replaces the config file's disks)")
     p.add_argument("--console", metavar="WHERE",
                    help="guest console: stdio (default), none, or file:PATH")
     p.add_argument("--boot", choices=("elf", "guest"),
@@ -115,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        # The same checks for `run` and `config`: what `config --print` prints, `--config` accepts.
         settings = _settings(args)
+        if args.command == "config":
+            source = f" <- {args.config}" if getattr(args, "config", None) else ""
+            text = settings.to_toml(header=f"pyvmm effective configuration: defaults{source} <- flags")
     except VmmError as err:
         print_err(f"error: {err}")
         return int(ExitStatus.BAD_INPUT)
@@ -124,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(settings)
     if args.command == "config":
-        source = f" <- {args.config}" if getattr(args, "config", None) else ""
-        sys.stdout.write(settings.to_toml(header=f"pyvmm effective configuration: defaults{source} <- flags"))
+        sys.stdout.write(text)
         return 0
     parser.error(f"unknown command {args.command}")
     return int(ExitStatus.BAD_INPUT)

@@ -6,6 +6,7 @@ the CLI prints it as one line.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,14 @@ _SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 MIN_MEMORY = 32 << 20
 MAX_MEMORY = 1 << 40
+MAX_CPUS = 64
+CACHE_MODES = ("writeback", "none")
+CONSOLE_STDIO = "stdio"
+CONSOLE_NONE = "none"
+CONSOLE_FILE = "file:"
+DEVICES_VIA = ("both", "cmdline", "acpi")
+BOOT_MODES = ("elf", "guest")
+WORKAROUND_MODES = ("auto", "on", "off")
 
 
 def parse_size(text: str, *, default_unit: str = "M") -> int:
@@ -31,14 +40,56 @@ def parse_size(text: str, *, default_unit: str = "M") -> int:
 
 
 def parse_memory(text: str) -> int:
-    size = parse_size(text)
+    """A guest RAM size: a size string, a bare number meaning MiB (as ``--memory 512``)."""
+    return check_memory(parse_size(text), shown=repr(text))
+
+
+# -- the checks every way of configuring a VM shares ------------------------------------------------
+# VmConfig, the `pyvmm run` settings (flags, config file, `pyvmm config --print`) and the Python API all
+# call these, so a value one of them accepts the others accept too.
+def check_memory(size: int, *, shown: str | None = None) -> int:
+    """A guest RAM size in bytes: 32M .. 1T, a multiple of 4 KiB."""
+    what = shown or f"{size} bytes"
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise ConfigError(f"bad memory size {size!r}: expected a number of bytes")
     if size < MIN_MEMORY:
-        raise ConfigError(f"memory size {text!r} is too small: pyvmm needs at least {MIN_MEMORY >> 20}M")
+        raise ConfigError(f"memory size {what} is too small: pyvmm needs at least {MIN_MEMORY >> 20}M")
     if size > MAX_MEMORY:
-        raise ConfigError(f"memory size {text!r} is absurd: at most {MAX_MEMORY >> 30}G")
+        raise ConfigError(f"memory size {what} is absurd: at most {MAX_MEMORY >> 30}G")
     if size % 4096:
-        raise ConfigError(f"memory size {text!r} is not a multiple of 4 KiB")
+        raise ConfigError(f"memory size {what} is not a multiple of 4 KiB")
     return size
+
+
+def check_cpus(cpus: int) -> int:
+    if not isinstance(cpus, int) or isinstance(cpus, bool) or not 1 <= cpus <= MAX_CPUS:
+        raise ConfigError(f"bad cpu count {cpus!r}: expected 1..{MAX_CPUS}")
+    return cpus
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """None (no limit) or a finite, positive number of seconds."""
+    if timeout is None:
+        return None
+    if (not isinstance(timeout, int | float) or isinstance(timeout, bool) or not math.isfinite(timeout)
+            or timeout <= 0):
+        raise ConfigError(f"bad timeout {timeout!r}: expected a positive number of seconds")
+    return timeout
+
+
+def check_console(console: str) -> str:
+    """``stdio``, ``none`` or ``file:PATH`` with a non-empty PATH."""
+    if console == CONSOLE_FILE:
+        raise ConfigError(f"console {console!r} needs a path: file:PATH")
+    if not (console in (CONSOLE_STDIO, CONSOLE_NONE) or console.startswith(CONSOLE_FILE)):
+        raise ConfigError(f"bad console {console!r}: expected stdio, none or file:PATH")
+    return console
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"bad {what} {value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+    return value
 
 
 def _parse_bool(key: str, value: str) -> bool:
@@ -59,10 +110,23 @@ class DiskConfig:
     serial: str | None = None
     cache: str = "writeback"  # "writeback" (page cache, FLUSH = fdatasync) or "none" (O_DIRECT)
     discard: bool = True
+    # Copy-on-write: the image is only read; the guest's writes go to a private overlay that is
+    # discarded at exit (pyvmm.devices.virtio.snapshot).
+    snapshot: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in parse(), so that a DiskConfig made in Python is held to the same rules.
+        if not str(self.path):
+            raise ConfigError("a --disk has no path=")
+        object.__setattr__(self, "path", Path(self.path))  # a str from Python code, too
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"bad cache mode {self.cache!r}: expected writeback or none")
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise ConfigError(f"disk serial {self.serial!r} is longer than 20 bytes (virtio-blk GET_ID limit)")
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """Parse ``path=IMG[,readonly=on][,serial=ID][,cache=writeback|none][,discard=on|off]``.
+        """Parse ``path=IMG[,readonly=on][,serial=ID][,cache=writeback|none][,discard=on|off][,snapshot=on|off]``.
 
         A bare ``IMG`` (no ``=``) is accepted as the path.
         """
@@ -82,30 +146,20 @@ class DiskConfig:
     @classmethod
     def from_values(cls, values: dict[str, str], *, where: str) -> DiskConfig:
         """Build from ``--disk`` keys and their text values (also used for ``[[disk]]`` config tables)."""
-        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard"}
+        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard", "snapshot"}
         if unknown:
             raise ConfigError(f"unknown --disk key(s) {', '.join(sorted(unknown))} in {where}")
         if not values.get("path"):
             raise ConfigError(f"--disk {where} has no path=")
-        cache = values.get("cache", "writeback")
-        if cache not in ("writeback", "none"):
-            raise ConfigError(f"bad cache mode {cache!r}: expected writeback or none")
-        serial = values.get("serial")
-        if serial is not None and len(serial.encode()) > 20:
-            raise ConfigError(f"disk serial {serial!r} is longer than 20 bytes (virtio-blk GET_ID limit)")
         ro_text = values.get("readonly", values.get("ro", "off"))
         return cls(
             path=Path(values["path"]),
             readonly=_parse_bool("readonly", ro_text),
-            serial=serial,
-            cache=cache,
+            serial=values.get("serial"),
+            cache=values.get("cache", "writeback"),
             discard=_parse_bool("discard", values.get("discard", "on")),
+            snapshot=_parse_bool("snapshot", values.get("snapshot", "off")),
         )
-
-
-CONSOLE_STDIO = "stdio"
-DEVICES_VIA = ("both", "cmdline", "acpi")
-CONSOLE_NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -137,15 +191,10 @@ class VmConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.boot not in ("elf", "guest"):
-            raise ConfigError(f"bad boot mode {self.boot!r}: expected elf or guest")
-        if self.workarounds not in ("auto", "on", "off"):
-            raise ConfigError(f"bad workarounds mode {self.workarounds!r}: expected auto, on or off")
-        if self.devices_via not in DEVICES_VIA:
-            raise ConfigError(f"bad devices-via {self.devices_via!r}: expected {', '.join(DEVICES_VIA)}")
-        if not 1 <= self.cpus <= 64:
-            raise ConfigError(f"bad cpu count {self.cpus}: expected 1..64")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"bad timeout {self.timeout}: expected a positive number of seconds")
-        if not (self.console in (CONSOLE_STDIO, CONSOLE_NONE) or self.console.startswith("file:")):
-            raise ConfigError(f"bad console {self.console!r}: expected stdio, none or file:PATH")
+        check_memory(self.memory)
+        check_cpus(self.cpus)
+        check_console(self.console)
+        check_timeout(self.timeout)
+        check_choice("boot mode", self.boot, BOOT_MODES)
+        check_choice("workarounds mode", self.workarounds, WORKAROUND_MODES)
+        check_choice("devices-via", self.devices_via, DEVICES_VIA)

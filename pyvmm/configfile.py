@@ -9,6 +9,10 @@ replace the file's whole disk list.
 :class:`RunSettings` is the merged result: :meth:`RunSettings.vm_config` makes the :class:`VmConfig`
 the builder takes, :meth:`RunSettings.to_toml` prints it as a config file (``pyvmm config --print``)
 that loads back to the same settings.
+
+Every value is checked by the same functions (:data:`CHECKS`, from :mod:`pyvmm.config`) whichever way it
+came: a flag, a config file key, or the Python API; so ``pyvmm run``, ``pyvmm config --print`` and
+``--config FILE`` accept exactly the same settings, and what ``config --print`` writes loads back.
 """
 
 from __future__ import annotations
@@ -17,14 +21,49 @@ import dataclasses
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
-from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, DiskConfig, VmConfig, parse_memory
+from pyvmm.config import (
+    BOOT_MODES,
+    CONSOLE_FILE,
+    CONSOLE_STDIO,
+    DEVICES_VIA,
+    WORKAROUND_MODES,
+    DiskConfig,
+    VmConfig,
+    check_choice,
+    check_console,
+    check_cpus,
+    check_memory,
+    check_timeout,
+    parse_memory,
+)
 from pyvmm.errors import ConfigError
 from pyvmm.trace import parse_selectors
+
+
+def _check_verbose(level: int) -> int:
+    if not isinstance(level, int) or isinstance(level, bool) or level < 0:
+        raise ConfigError(f"bad verbose level {level!r}: expected 0 or more")
+    return level
+
+
+# The checks of the values `pyvmm run` takes, by config file key (= long option name).  RunSettings runs
+# all of them whenever it is made; a config file runs each on its key as it is read, to name the key.
+CHECKS: dict[str, Callable[[Any], object]] = {
+    "memory": check_memory,
+    "cpus": check_cpus,
+    "console": check_console,
+    "timeout": check_timeout,
+    "boot": lambda v: check_choice("boot mode", v, BOOT_MODES),
+    "workarounds": lambda v: check_choice("workarounds mode", v, WORKAROUND_MODES),
+    "devices-via": lambda v: check_choice("devices-via", v, DEVICES_VIA),
+    "verbose": _check_verbose,
+    "trace": parse_selectors,
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +87,10 @@ class RunSettings:
     quiet: bool = False
     devices_via: str = "both"
     stats: bool = False
+
+    def __post_init__(self) -> None:
+        for key, check in CHECKS.items():
+            check(getattr(self, FILE_KEYS[key]))
 
     def vm_config(self) -> VmConfig:
         """The VM configuration (raises :class:`ConfigError` when no kernel was given)."""
@@ -94,6 +137,7 @@ class RunSettings:
                 put("serial", disk.serial)
             put("cache", disk.cache)
             put("discard", disk.discard)
+            put("snapshot", disk.snapshot)
         return "\n".join(out) + "\n"
 
 
@@ -110,8 +154,8 @@ def _abs(path: Path | None) -> Path | None:
 
 
 def _abs_console(console: str) -> str:
-    if console.startswith("file:"):
-        return "file:" + str(Path(console.removeprefix("file:")).absolute())
+    if console.startswith(CONSOLE_FILE):
+        return CONSOLE_FILE + str(Path(console.removeprefix(CONSOLE_FILE)).absolute())
     return console
 
 
@@ -120,8 +164,14 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    # A JSON string is a valid TOML basic string (same escapes; json.dumps emits no "\/").
-    return json.dumps(str(value), ensure_ascii=False)
+    text = str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # e.g. a path of non-UTF-8 bytes (surrogate escapes from the command line)
+        raise ConfigError(f"{text!r} cannot be written in a config file: TOML is UTF-8 text") from None
+    # A JSON string is a valid TOML basic string (TOML v1.0.0 "String": the same escapes; json.dumps
+    # emits no "\/"), except that TOML also wants DEL (U+007F) escaped, which JSON leaves as it is.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 # -- reading a config file -------------------------------------------------------------------------
@@ -132,7 +182,7 @@ FILE_KEYS = {
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
     "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats",
 }
-DISK_KEYS = ("path", "readonly", "serial", "cache", "discard")
+DISK_KEYS = ("path", "readonly", "serial", "cache", "discard", "snapshot")
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -159,6 +209,11 @@ def _from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> dict[st
             hint = f" (did you mean {key.replace('_', '-')!r}?)" if key.replace("_", "-") in FILE_KEYS else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; the keys are: {', '.join(FILE_KEYS)}")
         out[name] = _convert(key, value, base=base, where=f"{where}: {key}")
+        if key in CHECKS:
+            try:
+                CHECKS[key](out[name])
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {key}: {err}") from None
     return out
 
 
@@ -181,7 +236,9 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
     if key == "console":
         _need(isinstance(value, str), where, "stdio, none or \"file:PATH\"", value)
         text = str(value)
-        return "file:" + str(base / text.removeprefix("file:")) if text.startswith("file:") else text
+        if text == CONSOLE_FILE:  # checked before the path is joined to the file's directory
+            return text
+        return CONSOLE_FILE + str(base / text.removeprefix(CONSOLE_FILE)) if text.startswith(CONSOLE_FILE) else text
     if key == "memory":
         # An integer means MiB, like a bare number on the command line.
         _need(isinstance(value, str | int) and not isinstance(value, bool), where,
@@ -217,7 +274,7 @@ def _disk(value: object, base: Path, where: str) -> DiskConfig:
         table = cast(dict[str, object], value)
         texts: dict[str, str] = {}
         for k, v in table.items():
-            if k in ("readonly", "discard"):
+            if k in ("readonly", "discard", "snapshot"):
                 _need(isinstance(v, bool), f"{where}.{k}", "true or false", v)
                 texts[k] = "on" if v else "off"
             else:
@@ -266,7 +323,4 @@ def resolve(config_file: Path | None, cli_values: Mapping[str, Any]) -> RunSetti
     """Defaults <- the config file (if any) <- the command line."""
     merged: dict[str, Any] = load_file(config_file) if config_file is not None else {}
     merged.update(from_cli(cli_values))
-    settings = RunSettings(**merged)
-    if settings.console not in (CONSOLE_STDIO, CONSOLE_NONE) and not settings.console.startswith("file:"):
-        raise ConfigError(f"bad console {settings.console!r}: expected stdio, none or file:PATH")
-    return settings
+    return RunSettings(**merged)  # checks every value (CHECKS)

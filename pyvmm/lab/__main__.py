@@ -116,7 +116,9 @@ def _writable_disk_dirs(pyvmm_args: Sequence[str]) -> list[Path]:
     dirs: list[Path] = []
     for spec in specs:
         fields = dict(kv.split("=", 1) for kv in spec.split(",") if "=" in kv)
-        if "path" in fields and fields.get("readonly", "off") not in ("on", "yes", "true", "1"):
+        on = ("on", "yes", "true", "1")
+        # A snapshot disk only reads its image (its writes go to an overlay in $TMPDIR): no share needed.
+        if "path" in fields and fields.get("readonly", "off") not in on and fields.get("snapshot", "off") not in on:
             d = Path(fields["path"]).resolve().parent
             if d not in dirs:
                 dirs.append(d)

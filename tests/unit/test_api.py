@@ -14,6 +14,7 @@ import pexpect
 import pytest
 
 from pyvmm import VM, CommandResult, Console, ConsoleEOF, ConsoleTimeout, VmTimeout
+from pyvmm.config import DiskConfig
 from pyvmm.errors import ConfigError
 
 FAKE_PYVMM = f"""\
@@ -151,7 +152,8 @@ def test_vm_validates_its_options_before_starting(kernel: Path, tmp_path: Path) 
         path = "root.img"
         readonly = true
     """))
-    vm = VM.from_config(cfg, memory=1 << 30, trace="virtio")
+    (tmp_path / "root.img").write_bytes(bytes(4096))
+    vm = VM.from_config(cfg, memory=1024, trace="virtio")
     assert vm.settings.kernel == tmp_path / "vmlinux" and vm.settings.memory == 1 << 30
     assert vm.settings.disks[0].path == tmp_path / "root.img" and vm.settings.disks[0].readonly
     assert vm.settings.trace == ("virtio",) and vm.settings.console == "stdio"
@@ -176,3 +178,61 @@ def test_vm_process_ends_with_its_parent(fake_pyvmm: Path, kernel: Path) -> None
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(pid)
+
+
+# -- memory sizes, missing files, what a failed wait tells ---------------------------------------------
+def test_memory_integer_means_mib_like_the_cli_and_config_files(kernel: Path) -> None:
+    assert VM(kernel, memory=512).settings.memory == 512 << 20
+    assert VM(kernel, memory="512").settings.memory == 512 << 20  # as `--memory 512`
+    assert VM(kernel, memory="1G").settings.memory == 1 << 30
+    assert VM(kernel, memory="65536K").settings.memory == 64 << 20
+    with pytest.raises(ConfigError, match="absurd"):
+        VM(kernel, memory=512 << 20)  # bytes are no longer accepted as an integer: 512 Ti
+    with pytest.raises(ConfigError, match="memory"):
+        VM(kernel, memory=True)  # type: ignore[arg-type]
+
+
+def test_vm_names_a_missing_file_before_starting(kernel: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    cases = [
+        ({"kernel": tmp_path / "nope"}, "kernel", tmp_path / "nope"),
+        ({"kernel": kernel, "initrd": tmp_path / "initrd.gz"}, "initrd", tmp_path / "initrd.gz"),
+        ({"kernel": kernel, "disks": [str(disk), f"path={tmp_path}/gone.img,readonly=on"]}, "disk",
+         tmp_path / "gone.img"),
+        ({"kernel": kernel, "disks": [tmp_path / "gone2.img"]}, "disk", tmp_path / "gone2.img"),
+        ({"kernel": tmp_path}, "kernel", tmp_path),  # a directory
+    ]
+    for kwargs, what, missing in cases:
+        with pytest.raises(ConfigError) as info:
+            VM(**kwargs)  # type: ignore[arg-type]
+        message = str(info.value)
+        assert message.startswith(what) and str(missing) in message and "\n" not in message, message
+    vm = VM(kernel, disks=[disk, f"path={disk},snapshot=on", DiskConfig(disk, snapshot=True)])
+    assert [d.snapshot for d in vm.settings.disks] == [False, True, True]
+
+
+def test_console_errors_carry_the_exit_status_and_the_log(fake_pyvmm: Path, kernel: Path) -> None:
+    with VM(kernel, memory=256, python=str(fake_pyvmm)) as vm:
+        vm.console.wait_for_shell(timeout=20)
+        with pytest.raises(ConsoleTimeout) as timeout:
+            vm.run("sleep 5", timeout=0.5)
+        assert timeout.value.status is None  # still running
+        assert "pyvmm: kernel" in timeout.value.log_tail and "memory 256M" in timeout.value.log_tail
+        assert "vm: running after" in str(timeout.value) and "pyvmm: kernel" in str(timeout.value)
+        with pytest.raises(VmTimeout) as still:
+            vm.wait(timeout=0.1)
+        assert "pyvmm: kernel" in still.value.log_tail
+        vm.console.sendline("echo bye >&2; exit 3")
+        with pytest.raises(ConsoleEOF) as eof:
+            vm.console.expect("never printed", timeout=20)
+    assert eof.value.status == 3
+    assert "pyvmm: kernel" in eof.value.log_tail and "bye" in eof.value.log_tail
+    assert "exit status 3" in str(eof.value) and "pyvmm: kernel" in str(eof.value)
+
+
+def test_console_errors_without_a_vm_have_no_status(shell: Console) -> None:
+    with pytest.raises(ConsoleTimeout) as info:
+        shell.expect("never printed", timeout=0.2)
+    assert info.value.status is None and info.value.log_tail == ""
+    assert "pyvmm log" not in str(info.value)

@@ -125,5 +125,37 @@ def test_no_permission_on_kvm_device(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_help_documents_exit_statuses() -> None:
     proc = _pyvmm("run", "--help")
     assert proc.returncode == 0
-    for text in ("exit status:", "panicked", "--timeout", "Ctrl-A x"):
+    for text in ("exit status:", "panicked", "--timeout", "Ctrl-A x", "snapshot=on"):
         assert text in proc.stdout
+
+
+# (flags, the same values in a config file, the message)
+INVALID: list[tuple[list[str], str, str]] = [
+    (["--timeout", "-5", "--cpus", "100"], "timeout = -5.0\ncpus = 100\n", "timeout|cpu count"),
+    (["--cpus", "100"], "cpus = 100\n", "bad cpu count 100: expected 1..64"),
+    (["--cpus", "0"], "cpus = 0\n", "bad cpu count 0"),
+    (["--timeout", "nan"], "timeout = nan\n", "timeout"),
+    (["--timeout", "0"], "timeout = 0\n", "timeout"),
+    (["--memory", "16M"], "memory = '16M'\n", "too small"),
+    (["--console", "file:"], "console = 'file:'\n", "console 'file:' needs a path"),
+    (["--console", "tcp:1"], "console = 'tcp:1'\n", "bad console"),
+    (["--disk", "path=x.img,snapshot=maybe"], "disk = ['path=x.img,snapshot=maybe']\n", "bad value 'maybe' for snapshot"),
+]
+
+
+@pytest.mark.parametrize("entry", ["run", "config --print", "run --config"])
+@pytest.mark.parametrize(("flags", "toml", "message"), INVALID, ids=[" ".join(c[0]) for c in INVALID])
+def test_invalid_values_are_refused_by_every_entry_point(tmp_path: Path, entry: str, flags: list[str], toml: str,
+                                                         message: str) -> None:
+    """`pyvmm run`, `pyvmm config --print` and `--config FILE` make the same checks: what `config --print`
+    prints is always a file `--config` accepts."""
+    kernel = ["--kernel", str(tmp_path / "vmlinux")]  # need not exist: the values are checked first
+    if entry == "run --config":
+        args = ["run", "--config", str(_write(tmp_path, "vm.toml", toml.encode())), *kernel]
+    else:
+        args = [*entry.split(), *kernel, *flags]
+    proc = _pyvmm(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr

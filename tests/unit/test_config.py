@@ -33,13 +33,15 @@ def test_disk_spec() -> None:
     d = DiskConfig.parse("path=a.img,readonly=on,serial=data0,cache=none,discard=off")
     assert d == DiskConfig(Path("a.img"), readonly=True, serial="data0", cache="none", discard=False)
     assert DiskConfig.parse("b.img").path == Path("b.img")
+    assert DiskConfig.parse("b.img").snapshot is False
+    assert DiskConfig.parse("path=c.img,snapshot=on") == DiskConfig(Path("c.img"), snapshot=True)
 
 
 @pytest.mark.parametrize(
     ("spec", "msg"),
     [("path=a,cache=bogus", "cache mode"), ("path=a,speed=fast", "unknown"), ("readonly=on", "no path"),
      ("path=a,readonly=maybe", "on or off"), ("path=a,serial=" + "x" * 21, "20 bytes"),
-     ("path=a,path=b", "twice"), ("path=a,junk", "key=value")],
+     ("path=a,path=b", "twice"), ("path=a,junk", "key=value"), ("path=a,snapshot=maybe", "on or off")],
 )
 def test_disk_spec_errors(spec: str, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
@@ -53,3 +55,17 @@ def test_vmconfig_validation() -> None:
         VmConfig(kernel=Path("k"), console="tcp:1")
     with pytest.raises(ConfigError):
         VmConfig(kernel=Path("k"), timeout=0)
+    for bad in ({"timeout": float("nan")}, {"timeout": float("inf")}, {"console": "file:"}, {"cpus": 65},
+                {"memory": 1000}, {"memory": (64 << 20) + 512}):
+        with pytest.raises(ConfigError):
+            VmConfig(kernel=Path("k"), **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "msg"), [
+    ({"cache": "bogus"}, "cache mode"), ({"serial": "x" * 21}, "20 bytes")
+])
+def test_disk_config_validates_however_it_is_made(kwargs: dict[str, object], msg: str) -> None:
+    """The Python API takes DiskConfig objects too: they are checked like --disk strings."""
+    values: dict[str, object] = {"path": Path("a.img"), **kwargs}
+    with pytest.raises(ConfigError, match=msg):
+        DiskConfig(**values)  # type: ignore[arg-type]

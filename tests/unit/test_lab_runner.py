@@ -93,8 +93,8 @@ def test_lab_unavailable_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_writable_disks_are_shared() -> None:
     args = ["--kernel", "/k", "--disk", "path=/a/root.ext4", "--disk", "path=/b/data.img,readonly=on",
-            "--disk=path=/c/x.img,serial=s", "--memory", "1G"]
-    assert _writable_disk_dirs(args) == [Path("/a"), Path("/c")]
+            "--disk=path=/c/x.img,serial=s", "--disk", "path=/d/base.img,snapshot=on", "--memory", "1G"]
+    assert _writable_disk_dirs(args) == [Path("/a"), Path("/c")]  # a snapshot disk only reads its image
 
 
 def test_lab_kernel_is_told_the_tsc_frequency(tmp_path: Path) -> None:

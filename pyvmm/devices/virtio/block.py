@@ -37,6 +37,7 @@ from pyvmm.devices.virtio.mmio import (
     VirtioDevice,
 )
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue
+from pyvmm.devices.virtio.snapshot import SnapshotDisk
 from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,14 @@ class VirtioBlock(VirtioDevice):
 
     @classmethod
     def from_config(cls, config: DiskConfig, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> VirtioBlock:
-        """Open the image of a ``--disk`` (raises :class:`~pyvmm.errors.DeviceError`) and wrap it."""
-        return cls(
-            RawDisk.from_config(config), serial=config.serial, discard=config.discard, queue_size=queue_size
-        )
+        """Open the image of a ``--disk`` (raises :class:`~pyvmm.errors.DeviceError`) and wrap it.
+
+        ``snapshot=on`` puts a copy-on-write overlay in front of the image, unless the disk is also
+        ``readonly=on``: then the guest cannot write at all and a read-only disk is the same thing.
+        """
+        disk: Disk = (SnapshotDisk.from_config(config) if config.snapshot and not config.readonly
+                      else RawDisk.from_config(config))
+        return cls(disk, serial=config.serial, discard=config.discard, queue_size=queue_size)
 
     def close(self) -> None:
         self.disk.close()

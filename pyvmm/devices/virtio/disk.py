@@ -21,7 +21,7 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -180,25 +180,11 @@ class RawDisk:
         if self.direct and not _aligned(buffers):
             return self._bounce_read(offset, buffers)
         try:
-            return self._preadv_all(self.fd, offset, list(buffers))
+            return preadv_all(self.fd, offset, list(buffers))
         except OSError as err:
             if not self.direct or err.errno != errno.EINVAL:
                 raise
-            return self._preadv_all(self._buffered_fd, offset, list(buffers))
-
-    def _preadv_all(self, fd: int, offset: int, bufs: list[memoryview]) -> int:
-        total = 0
-        while bufs:
-            n = os.preadv(fd, bufs, offset)
-            if n == 0:  # end of file (the image shrank under us): the rest reads as zeros
-                for b in bufs:
-                    b[:] = bytes(len(b))
-                    total += len(b)
-                return total
-            total += n
-            offset += n
-            bufs = _advance(bufs, n)
-        return total
+            return preadv_all(self._buffered_fd, offset, list(buffers))
 
     def writev(self, offset: int, buffers: Buffers) -> int:
         if self._readonly:
@@ -206,27 +192,16 @@ class RawDisk:
         if self.direct and not _aligned(buffers):
             return self._bounce_write(offset, buffers)
         try:
-            return self._pwritev_all(self.fd, offset, list(buffers))
+            return pwritev_all(self.fd, offset, list(buffers))
         except OSError as err:
             if not self.direct or err.errno != errno.EINVAL:
                 raise
-            return self._pwritev_all(self._buffered_fd, offset, list(buffers))
-
-    def _pwritev_all(self, fd: int, offset: int, bufs: list[memoryview]) -> int:
-        total = 0
-        while bufs:
-            n = os.pwritev(fd, bufs, offset)
-            if n == 0:
-                raise OSError(errno.EIO, "pwritev wrote nothing")
-            total += n
-            offset += n
-            bufs = _advance(bufs, n)
-        return total
+            return pwritev_all(self._buffered_fd, offset, list(buffers))
 
     def _bounce_read(self, offset: int, buffers: Buffers) -> int:
         length = sum(len(b) for b in buffers)
         if length % _DIRECT_ALIGN:
-            return self._preadv_all(self._buffered_fd, offset, list(buffers))
+            return preadv_all(self._buffered_fd, offset, list(buffers))
         with mmap.mmap(-1, max(length, mmap.PAGESIZE)) as bounce:
             view = memoryview(bounce)
             try:
@@ -242,7 +217,7 @@ class RawDisk:
     def _bounce_write(self, offset: int, buffers: Buffers) -> int:
         length = sum(len(b) for b in buffers)
         if length % _DIRECT_ALIGN:
-            return self._pwritev_all(self._buffered_fd, offset, list(buffers))
+            return pwritev_all(self._buffered_fd, offset, list(buffers))
         with mmap.mmap(-1, max(length, mmap.PAGESIZE)) as bounce:
             view = memoryview(bounce)
             try:
@@ -262,38 +237,16 @@ class RawDisk:
         """Deallocate a range where the filesystem can; §5.2.6.2 lets a device ignore discard ("MAY")."""
         if self._readonly or length <= 0:
             return
-        try:
-            _fallocate_call(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as err:
-            if err.errno not in _UNSUPPORTED:
-                raise
+        punch_hole(self.fd, offset, length)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make a range read as zeros (§5.2.6.2: a MUST, whether or not ``unmap`` is set)."""
         if self._readonly:
             raise OSError(errno.EROFS, "read-only disk")
-        if length <= 0:
-            return
         modes = [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
         if unmap:
             modes.insert(0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-        for mode in modes:
-            try:
-                _fallocate_call(self.fd, mode, offset, length)
-                return
-            except OSError as err:
-                if err.errno not in _UNSUPPORTED:
-                    raise
-        with mmap.mmap(-1, min(_ZERO_CHUNK, _round_up(length))) as zeros:
-            view = memoryview(zeros)
-            try:
-                while length > 0:
-                    n = min(length, len(view))
-                    self.writev(offset, [view[:n]])
-                    offset += n
-                    length -= n
-            finally:
-                view.release()
+        zero_range(self.fd, offset, length, modes, self.writev)
 
     def close(self) -> None:
         # Whatever the guest wrote reaches stable storage before pyvmm lets go of the image, also
@@ -312,6 +265,71 @@ class RawDisk:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def preadv_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
+    """Fill every buffer from ``offset`` (retrying short reads); bytes past the end of the file read as zeros."""
+    total = 0
+    while bufs:
+        n = os.preadv(fd, bufs, offset)
+        if n == 0:  # end of file (the image shrank under us): the rest reads as zeros
+            for b in bufs:
+                b[:] = bytes(len(b))
+                total += len(b)
+            return total
+        total += n
+        offset += n
+        bufs = _advance(bufs, n)
+    return total
+
+
+def pwritev_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
+    """Write every buffer at ``offset`` (retrying short writes)."""
+    total = 0
+    while bufs:
+        n = os.pwritev(fd, bufs, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        total += n
+        offset += n
+        bufs = _advance(bufs, n)
+    return total
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file (it then reads as zeros); False where the filesystem cannot."""
+    try:
+        _fallocate_call(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as err:
+        if err.errno not in _UNSUPPORTED:
+            raise
+        return False
+    return True
+
+
+def zero_range(fd: int, offset: int, length: int, modes: Sequence[int],
+               write: Callable[[int, Buffers], int]) -> None:
+    """Make ``[offset, offset + length)`` of ``fd`` read as zeros: the first ``fallocate`` mode in ``modes``
+    the filesystem supports, else ``write`` of zero buffers."""
+    if length <= 0:
+        return
+    for mode in modes:
+        try:
+            _fallocate_call(fd, mode, offset, length)
+            return
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED:
+                raise
+    with mmap.mmap(-1, min(_ZERO_CHUNK, _round_up(length))) as zeros:
+        view = memoryview(zeros)
+        try:
+            while length > 0:
+                n = min(length, len(view))
+                write(offset, [view[:n]])
+                offset += n
+                length -= n
+        finally:
+            view.release()
 
 
 def _round_up(n: int) -> int:
