@@ -130,3 +130,30 @@ def test_default_guest_disk_io_in_user_space(pyvmm_run: Callable[..., Guest], im
     # The guest read the host's files.
     assert f"HOST-FILE: {hashlib.sha256(HOST_FILE).hexdigest()}  /etc/pyvmm-host-file" in g.console, g.explain()
     assert "HOST-TEXT: put there by the host" in g.console, g.explain()
+
+
+SNAPSHOT_SCRIPT = """\
+mkdir -p /pyvmm-test
+yes 'pyvmm snapshot write' | head -c 300000 > /pyvmm-test/snap
+sync
+echo "SNAP-SHA: $(sha256sum /pyvmm-test/snap)"
+"""
+
+
+@pytest.mark.lab(bound_s=bound_for(BOOT_TIMEOUT_S))
+def test_snapshot_root_disk_leaves_its_image_unchanged(pyvmm_run: Callable[..., Guest], images: Path,
+                                                        rootfs: Path, tmp_path: Path) -> None:
+    # The guest mounts its root read-write, writes and syncs a file; with snapshot=on all of that goes to
+    # pyvmm's overlay and the image stays bit for bit what it was.
+    (tmp_path / "snap.sh").write_text(SNAPSHOT_SCRIPT)
+    _debugfs(rootfs, "cd /etc", f"write {tmp_path / 'snap.sh'} pyvmm-snap.sh", write=True)
+    rootfs.chmod(0o444)  # nothing may open it for writing
+    digest = hashlib.sha256(rootfs.read_bytes()).hexdigest()
+    g = pyvmm_run("--kernel", str(images / "vmlinux"), "--memory", "256M", "--disk", f"path={rootfs},snapshot=on",
+                  "--cmdline", f"{ROOT_CMDLINE} pyvmm.test=/etc/pyvmm-snap.sh", timeout=BOOT_TIMEOUT_S)
+    assert reached_user_space(g.console), g.explain()
+    assert "PYVMM-INIT: test status 0" in g.console, g.explain()
+    written = _content("pyvmm snapshot write\n", 300000)
+    assert f"SNAP-SHA: {hashlib.sha256(written).hexdigest()}  /pyvmm-test/snap" in g.console, g.explain()
+    assert g.status == 0, g.explain()
+    assert hashlib.sha256(rootfs.read_bytes()).hexdigest() == digest
