@@ -15,8 +15,11 @@ ROOTFS ?= images/out/rootfs.ext4
 MEMORY ?= 512M
 RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
             --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
+# The jobs with a deps-JOB target: the Debian packages of that job only (scripts/deps.sh JOB).
+DEPS_JOBS := run images lab arm64 bench
 
-.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab stress-lab firmware docs deps venv clean help
+.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab stress-lab firmware docs deps venv clean help \
+        $(DEPS_JOBS:%=deps-%)
 
 help:
 	@echo "make run       boot the default guest (installs deps, builds images first)"
@@ -33,8 +36,13 @@ help:
 	@echo "                 how many reached /init, each boot's time, pyvmm's stderr for every stall"
 	@echo "                 (STRESS_ARGS=\"--root-disk --timeout 240\" for more options)"
 
+# Debian packages (scripts/apt-deps.txt).  `make deps` installs every job's: make test and CI use it.  The
+# other targets ask only for their own job's (deps-JOB: scripts/deps.sh JOB), so that `make run` gets the
+# default guest's build and, on a software-KVM host, the x86 KVM lab's, and no arm64 toolchain.
 deps:
 	@scripts/deps.sh
+$(DEPS_JOBS:%=deps-%):
+	@scripts/deps.sh $(@:deps-%=%)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,16 +55,16 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 	@$(PY) -m compileall -q pyvmm >/dev/null
 
-images: deps venv
+images: deps-images venv
 	$(PY) images/build.py
 
 # The KVM lab's kernel (pyvmm/lab/): needed where the host KVM cannot run guest user space.
-lab-images: deps venv
+lab-images: deps-lab venv
 	$(PY) images/lab.py
 
 # The arm64 guest (cross-built kernel, busybox initramfs, ext4 root) and the arm64 KVM lab (Debian's arm64
 # kernel and an arm64 root with Python): docs/aarch64.md.  Cached like the others.
-arm64-images: deps venv
+arm64-images: deps-arm64 venv
 	$(PY) images/arm64.py
 
 # True (exit 0) when this host's /dev/kvm is a software KVM that cannot run guest user space.
@@ -72,7 +80,7 @@ docs/virtio-walkthrough.svg: docs/virtio-walkthrough.dot
 	dot -Tsvg $< -o $@
 
 # On a software-KVM host `pyvmm.lab guest` runs the guest inside the KVM lab (and says why).
-run: deps venv images
+run: deps-run venv images
 	@if $(SOFTWARE_KVM); then $(MAKE) -s lab-images; fi
 	$(PY) -m pyvmm.lab guest -- $(RUN_ARGS)
 
@@ -91,13 +99,13 @@ bench: venv images firmware
 	@$(PY) -c "import psutil" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-bench-lab: deps venv images lab-images
+bench-lab: deps-bench venv images lab-images
 	$(PY) bench/lab_boot.py
 
 # N boots of the default guest in a row, each with its own --timeout, inside ONE lab run on a software-KVM host.
 STRESS_N ?= 50
 STRESS_ARGS ?=
-stress-lab: deps venv images lab-images
+stress-lab: deps-bench venv images lab-images
 	$(PY) bench/stress_lab.py -n $(STRESS_N) $(STRESS_ARGS)
 
 check: venv

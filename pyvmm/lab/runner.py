@@ -40,8 +40,12 @@ from pyvmm.lab.tsc import host_tsc_khz
 
 QEMU = "qemu-system-x86_64"
 QEMU_DEBIAN_PACKAGE = "qemu-system-x86"
+# The project checkout this module runs from.  An installed pyvmm (a wheel) has no checkout: REPO is then
+# its site-packages, without images/ (is_checkout() tells), and the lab kernel comes from $PYVMM_LAB_KERNEL
+# or --kernel.
 REPO = Path(__file__).resolve().parents[2]
 LAB_KERNEL = REPO / "images" / "out" / "lab-bzImage"
+LAB_KERNEL_ENV = "PYVMM_LAB_KERNEL"
 # The arm64 lab: qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
 # Debian's stock arm64 kernel, an initramfs with its 9p modules, and an arm64 root with Python
 # (images/arm64.py builds all three).
@@ -122,7 +126,12 @@ class LabResult:
 def lab_kernel(kernel: Path | None = None) -> Path:
     if kernel is not None:
         return kernel
-    return Path(os.environ.get("PYVMM_LAB_KERNEL") or LAB_KERNEL)
+    return Path(os.environ.get(LAB_KERNEL_ENV) or LAB_KERNEL)
+
+
+def is_checkout() -> bool:
+    """Whether pyvmm runs from a project checkout, which has the scripts that build the lab's images."""
+    return (REPO / "images" / "lab.py").is_file()
 
 
 def unavailable_reason(kernel: Path | None = None, arch: str = "x86_64") -> str | None:
@@ -145,7 +154,17 @@ def unavailable_reason(kernel: Path | None = None, arch: str = "x86_64") -> str 
         return f"the lab init script {INIT_SCRIPT} is missing or not executable (chmod +x it)"
     k = lab_kernel(kernel)
     if not k.is_file():
-        return f"the lab kernel {k} is missing: build it with `python3 images/lab.py` (or `make lab-images`)"
+        from_env = kernel is None and bool(os.environ.get(LAB_KERNEL_ENV))
+        if is_checkout():
+            how = "build it with `python3 images/lab.py` (or `make lab-images`)"
+        else:
+            how = (f"set ${LAB_KERNEL_ENV} to a lab kernel (or `pyvmm.lab run --kernel PATH`); a pyvmm checkout "
+                   "builds one with `make lab-images` (images/out/lab-bzImage)")
+        if kernel is None and not from_env and not is_checkout():
+            # Not the default path: in an installed pyvmm it names a directory that never exists.
+            return f"no lab kernel: this pyvmm is installed without a checkout's images/out/; {how}"
+        source = f" (from ${LAB_KERNEL_ENV})" if from_env else ""
+        return f"the lab kernel {k}{source} is missing: {how}"
     return None
 
 

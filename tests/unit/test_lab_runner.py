@@ -91,6 +91,29 @@ def test_lab_unavailable_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         runner.run(LabOptions(command=["no-such-command-here"], kernel=missing))
 
 
+def test_lab_kernel_message_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An installed pyvmm (a wheel) has no images/ next to it: the message says how to give it a lab kernel
+    # instead of naming a path inside site-packages and a build script that is not there.
+    fake_qemu = tmp_path / runner.QEMU
+    fake_qemu.write_text("#!/bin/sh\n")
+    fake_qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(runner, "REPO", site)
+    monkeypatch.setattr(runner, "LAB_KERNEL", site / "images" / "out" / "lab-bzImage")
+    monkeypatch.delenv("PYVMM_LAB_KERNEL", raising=False)
+    reason = runner.unavailable_reason() or ""
+    assert "PYVMM_LAB_KERNEL" in reason and "make lab-images" in reason and str(site) not in reason
+    monkeypatch.setenv("PYVMM_LAB_KERNEL", str(tmp_path / "gone"))
+    assert f"{tmp_path / 'gone'} (from $PYVMM_LAB_KERNEL) is missing" in (runner.unavailable_reason() or "")
+    (tmp_path / "gone").write_bytes(b"")
+    assert runner.unavailable_reason() is None
+    # In a checkout the message names the build script, as before.
+    monkeypatch.setattr(runner, "REPO", Path(runner.__file__).resolve().parents[2])
+    monkeypatch.delenv("PYVMM_LAB_KERNEL")
+    assert "images/lab.py" in (runner.unavailable_reason() or "")
+
+
 def test_writable_disks_are_shared() -> None:
     args = ["--kernel", "/k", "--disk", "path=/a/root.ext4", "--disk", "path=/b/data.img,readonly=on",
             "--disk=path=/c/x.img,serial=s", "--disk", "path=/d/base.img,snapshot=on", "--memory", "1G"]
