@@ -235,9 +235,13 @@ class Vmm:
             self._result.stats = self._collect_stats(self._result.elapsed)
         if self.samples:
             path = os.environ.get("PYVMM_GUEST_PROFILE_OUT", "pyvmm-guest-profile.txt")
-            with open(path, "w") as f:
-                f.writelines(f"{pc:#x}\n" for pc in self.samples)
-            self._result.details.append(f"{len(self.samples)} guest PC samples written to {path}")
+            try:
+                with open(path, "w") as f:
+                    f.writelines(f"{pc:#x}\n" for pc in self.samples)
+            except OSError as err:  # the VM has ended as it did: say why the samples are missing
+                self._result.details.append(f"guest PC samples not written: {path}: {err.strerror}")
+            else:
+                self._result.details.append(f"{len(self.samples)} guest PC samples written to {path}")
         return self._result
 
     def _build_tables(self) -> None:
