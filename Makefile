@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 # property-test examples per test (3 tests): >= 10,000 in all for make test; raise it for a long fuzz run
 FUZZ_EXAMPLES ?= 3600
 
-# The default guest: the minimal kernel from images/ with its ext4 root disk on virtio-blk (vda).
+# The default guest: the minimal kernel from images/ with its ext4 root disk on virtio-blk (vda), as a
+# snapshot: the shell's changes are dropped at exit and the built image stays what the tests expect.
 KERNEL ?= images/out/vmlinux
 ROOTFS ?= images/out/rootfs.ext4
 MEMORY ?= 512M
-RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS) --memory $(MEMORY) \
+RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS),snapshot=on --memory $(MEMORY) \
             --cmdline "console=ttyS0 root=/dev/vda rw init=/init pyvmm.shell=1"
 # The jobs with a deps-JOB target: the Debian packages of that job only (scripts/deps.sh JOB).
 DEPS_JOBS := run images lab arm64 bench
