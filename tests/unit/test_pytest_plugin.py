@@ -2,7 +2,7 @@
 after a space, ``--pyvmm-require``, the log directory, ``booted_vm_session``, the console tail in a failure
 report, and runs under pytest-xdist.
 
-The inner test sessions run a fake ``pyvmm`` (tests/unit/test_api.py's) instead of a real VM: nothing
+The inner test sessions run a fake ``pyvmm`` (tests/unit/conftest.py's) instead of a real VM: nothing
 boots.  A run whose inner conftest replaces the plugin's ``VM`` (to use the fake everywhere) runs in a
 subprocess, so the replacement cannot leak into this process.
 """
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import kvm_unavailable_reason
-from tests.unit.test_api import FAKE_PYVMM
 
 pytest_plugins = ["pytester"]
 
@@ -47,14 +46,6 @@ def needs_kvm() -> None:
     reason = kvm_unavailable_reason()  # vm_factory skips without /dev/kvm, even for a fake VM
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Path:
-    path = tmp_path / "fake-pyvmm"
-    path.write_text(FAKE_PYVMM)
-    path.chmod(0o755)
-    return path
 
 
 def images_of(result: pytest.RunResult) -> dict[str, str | None]:
@@ -225,7 +216,7 @@ def test_require_turns_the_plugins_skips_into_failures(pytester: pytest.Pytester
 
 
 @pytest.mark.usefixtures("needs_kvm")
-def test_log_dir_keeps_each_vms_console_and_log(pytester: pytest.Pytester, fake: Path) -> None:
+def test_log_dir_keeps_each_vms_console_and_log(pytester: pytest.Pytester, fake_pyvmm: Path) -> None:
     kernel = pytester.path / "vmlinux"
     kernel.write_bytes(b"k")
     pytester.makepyfile(test_logs=f"""
@@ -234,12 +225,12 @@ def test_log_dir_keeps_each_vms_console_and_log(pytester: pytest.Pytester, fake:
         @pytest.mark.parametrize("word", ["a/b"])
         def test_two_vms(vm_factory, word):
             for n in range(2):
-                vm = vm_factory(python={str(fake)!r})
+                vm = vm_factory(python={str(fake_pyvmm)!r})
                 vm.console.wait_for_shell(timeout=20)
                 assert vm.run(f"echo console-of-{{n}}").status == 0
 
         def test_not_started(vm_factory):
-            vm_factory(python={str(fake)!r}, start=False)
+            vm_factory(python={str(fake_pyvmm)!r}, start=False)
     """)
     result = pytester.runpytest(f"--pyvmm-kernel={kernel}", "--pyvmm-log-dir=logs/ci")
     result.assert_outcomes(passed=2)
@@ -263,9 +254,9 @@ FAKE_EVERYWHERE = """
 
 
 @pytest.fixture
-def fake_guest(pytester: pytest.Pytester, fake: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def fake_guest(pytester: pytest.Pytester, fake_pyvmm: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """An inner project whose VMs are the fake; returns the options naming its kernel and initrd."""
-    pytester.makeconftest(FAKE_EVERYWHERE.format(fake=str(fake)))
+    pytester.makeconftest(FAKE_EVERYWHERE.format(fake=str(fake_pyvmm)))
     for name in ("vmlinux", "initrd.img"):
         (pytester.path / name).write_bytes(b"k")
     monkeypatch.setenv("PYVMM_IN_LAB", "1")  # booted_vm* would skip on a software KVM host
@@ -345,19 +336,19 @@ def test_under_xdist_every_worker_has_its_own_vms_and_logs(pytester: pytest.Pyte
 
 
 @pytest.mark.usefixtures("needs_kvm")
-def test_failure_report_has_the_console_tail(pytester: pytest.Pytester, fake: Path, tmp_path: Path) -> None:
+def test_failure_report_has_the_console_tail(pytester: pytest.Pytester, fake_pyvmm: Path, tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"k")
     pytester.makepyfile(test_inner=f"""
         def test_boots(vm_factory):
-            vm = vm_factory(python={str(fake)!r}, memory="128M")
+            vm = vm_factory(python={str(fake_pyvmm)!r}, memory="128M")
             vm.console.expect("Run /init")
             vm.console.wait_for_shell(timeout=20)
             assert vm.run("echo from-the-guest").output == "from-the-guest\\n"
             assert vm.run("echo second").status == 1, "deliberate failure"
 
         def test_passes(vm_factory):
-            vm = vm_factory(python={str(fake)!r})
+            vm = vm_factory(python={str(fake_pyvmm)!r})
             vm.console.expect("Linux version")
     """)
     result = pytester.runpytest_subprocess(f"--pyvmm-kernel={kernel}", "--pyvmm-memory=64M")
