@@ -55,6 +55,7 @@ class StatsFd:
             name = raw[i * step + _DESC.size: (i + 1) * step].split(b"\0", 1)[0].decode()
             descs.append(StatDesc(name, flags & KVM_STATS_TYPE_MASK, size, offset))
         self.descs: tuple[StatDesc, ...] = tuple(descs)
+        self._by_name = {d.name: d for d in descs}
         self._span = max((d.offset + 8 * d.size for d in descs), default=0)
 
     @classmethod
@@ -75,10 +76,10 @@ class StatsFd:
 
     def value(self, name: str) -> int | None:
         """One counter, read on its own (None when this kernel has no such counter)."""
-        for d in self.descs:
-            if d.name == name:
-                return int(sum(struct.unpack(f"<{d.size}Q", os.pread(self.fd, 8 * d.size, self._data_off + d.offset))))
-        return None
+        d = self._by_name.get(name)
+        if d is None:
+            return None
+        return int(sum(struct.unpack(f"<{d.size}Q", os.pread(self.fd, 8 * d.size, self._data_off + d.offset))))
 
     def close(self) -> None:
         if self.fd >= 0:
