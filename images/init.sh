@@ -11,8 +11,15 @@ mount -t sysfs sysfs /sys
 # With root=/dev/vda the kernel has already mounted devtmpfs on /dev (DEVTMPFS_MOUNT);
 # in the initramfs it has not.
 grep -q " /dev " /proc/mounts || mount -t devtmpfs devtmpfs /dev
-# Boot-timing mark for bench/boot.py (pyvmm/devices/boottimer.py at layout.BOOT_TIMER_ADDR): user space runs.
-devmem 0xd0008000 8 1 2>/dev/null || true
+# pyvmm's MMIO pages (pyvmm/arch/*/layout.py): the boot timer (x86 only) and the guest exit device,
+# whose status register ends the VM with a status of the guest's choosing (pyvmm/devices/guestexit.py).
+case "$(uname -m)" in
+    x86_64) boot_timer=0xd0008000; exit_status_reg=0xd0009008 ;;
+    aarch64) boot_timer=; exit_status_reg=0x09002008 ;;
+    *) boot_timer=; exit_status_reg= ;;
+esac
+# Boot-timing mark for bench/boot.py (pyvmm/devices/boottimer.py): user space runs.
+[ -n "$boot_timer" ] && { devmem "$boot_timer" 8 1 2>/dev/null || true; }
 
 echo "PYVMM-INIT: uname $(uname -r -m)"
 if [ -e /dev/vda ]; then
@@ -30,13 +37,43 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "PYVMM-INIT: done"
-# `make run` adds pyvmm.shell=1: a shell on the console; leaving it (exit, Ctrl-D) ends the guest.
-case " $(cat /proc/cmdline) " in
-    *" pyvmm.shell=1 "*)
-        echo "PYVMM-INIT: shell (exit or Ctrl-D ends the guest; Ctrl-A x stops the VM)"
-        HOME=/root setsid cttyhack sh
-        ;;
+
+# pyvmm run --exec CMD (pyvmm/guestexec.py): pyvmm.exec="CMD", pyvmm.exec=WORD or pyvmm.exec64=BASE64 on
+# the command line.  Run it, say where its output begins and ends, flush the disks, report its status.
+cmdline=" $(cat /proc/cmdline)"
+exec_cmd=
+exec_given=
+case "$cmdline" in
+    *' pyvmm.exec64='*)
+        exec_given=1
+        v=${cmdline#* pyvmm.exec64=}
+        exec_cmd=$(echo "${v%% *}" | base64 -d) ;;
+    *' pyvmm.exec="'*)
+        exec_given=1
+        v=${cmdline#* pyvmm.exec=\"}
+        exec_cmd=${v%%\"*} ;;
+    *' pyvmm.exec='*)
+        exec_given=1
+        v=${cmdline#* pyvmm.exec=}
+        exec_cmd=${v%% *} ;;
 esac
+if [ -n "$exec_given" ]; then
+    echo "PYVMM-EXEC: begin"
+    HOME=/root sh -c "$exec_cmd"
+    status=$?
+    printf '\nPYVMM-EXEC: end %s\n' "$status"
+    sync
+    [ -n "$exit_status_reg" ] && devmem "$exit_status_reg" 32 "$status"
+    echo "PYVMM-INIT: the guest exit device did not end the VM; rebooting"
+else
+    # `make run` adds pyvmm.shell=1: a shell on the console; leaving it (exit, Ctrl-D) ends the guest.
+    case "$cmdline " in
+        *" pyvmm.shell=1 "*)
+            echo "PYVMM-INIT: shell (exit or Ctrl-D ends the guest; Ctrl-A x stops the VM)"
+            HOME=/root setsid cttyhack sh
+            ;;
+    esac
+fi
 
 sync
 # The VMM ends the guest on the reset (cmdline has reboot=k: i8042 reset, else triple fault).

@@ -11,10 +11,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pyvmm.api import VM, CommandResult, Console, ConsoleEOF, ConsoleError, ConsoleTimeout, VmTimeout
+    from pyvmm.api import (
+        VM,
+        CommandResult,
+        Console,
+        ConsoleEOF,
+        ConsoleError,
+        ConsoleTimeout,
+        GuestCommandError,
+        VmTimeout,
+    )
 
-__all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "VmTimeout",
-           "__version__"]
+__all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "GuestCommandError",
+           "VmTimeout", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

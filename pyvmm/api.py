@@ -32,6 +32,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import os
 import pty
@@ -57,11 +58,12 @@ from pexpect.spawnbase import SpawnBase
 from pyvmm.config import DiskConfig, parse_memory
 from pyvmm.configfile import RunSettings, load_file, normalise_trace
 from pyvmm.errors import ConfigError, VmmError
-from pyvmm.status import ExitStatus
+from pyvmm.guestexec import check_exec, command_output
+from pyvmm.status import ExitStatus, guest_status_of
 from pyvmm.stopreport import VcpuReport, parse_report
 
-__all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "PtyChild",
-           "VmState", "VmTimeout"]
+__all__ = ["VM", "CommandResult", "Console", "ConsoleEOF", "ConsoleError", "ConsoleTimeout", "GuestCommandError",
+           "PtyChild", "VmState", "VmTimeout"]
 
 TRANSCRIPT_LIMIT = 16 << 20  # characters of console transcript kept (the oldest are dropped)
 DEFAULT_EXPECT_TIMEOUT = 30.0
@@ -120,6 +122,19 @@ class VmTimeout(VmmError, TimeoutError):
         super().__init__(message)
         self.status: int | None = None
         self.log_tail = log_tail
+
+
+class GuestCommandError(VmmError):
+    """:meth:`VM.exec`: the VM ended without the command's status (a panic, the timeout, a guest whose init
+    ignores ``pyvmm.exec=``...).  ``status`` is pyvmm's exit status; the message says how the VM ended and
+    quotes pyvmm's log and the console."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_GUEST_EXITED = re.compile(r"guest exited with status (\d+) \(guest exit device\)")
 
 
 class CommandResult(NamedTuple):
@@ -550,6 +565,35 @@ class VM:
     def run(self, cmd: str, timeout: float | None = DEFAULT_RUN_TIMEOUT) -> CommandResult:
         """Run a command in the guest's shell on the console: see :meth:`Console.run`."""
         return self.console.run(cmd, timeout)
+
+    def exec(self, cmd: str, timeout: float | None = None) -> CommandResult:
+        """Boot the VM to run ``cmd`` in the guest and wait for the VM to end; return the command's exit
+        status (0-255) and its output.
+
+        This is ``pyvmm run --exec CMD``: the guest's /init (the default guests' images/init.sh) runs ``sh -c
+        CMD`` and reports its status through the guest exit device, which ends the VM.  The output is what
+        the console showed between /init's begin and end lines (``\n`` line ends); kernel messages printed
+        meanwhile are part of it.  Call it on a VM that is not started (not inside ``with``): the command
+        is part of the boot.  Afterwards the VM is closed; :attr:`log` and :attr:`console_text` stay
+        readable.  ``timeout`` bounds the wait (the VM's own ``timeout`` still applies); then the VM is
+        stopped and :class:`VmTimeout` raised.  A VM that ends any other way raises
+        :class:`GuestCommandError`.  Needs guest user space: a hardware KVM or the KVM lab.
+        """
+        if self._proc is not None:
+            raise VmmError(f"{self.name}: exec() boots the VM to run the command; call it on a VM that is not "
+                           "started (for a shell on a running guest use run())")
+        check_exec(cmd)
+        self.settings = dataclasses.replace(self.settings, exec=cmd)
+        self.start()
+        try:
+            status = self.wait(timeout)
+        finally:
+            self.close()  # stops it first if the wait timed out
+        found = _GUEST_EXITED.findall(self.log)
+        guest = int(found[-1]) if found else 0 if status == 0 else guest_status_of(status)
+        if guest is None:
+            raise GuestCommandError(f"{cmd!r} did not report a status\n{self.explain()}", status)
+        return CommandResult(guest, command_output(self.console_text) or "")
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the VM to end; return pyvmm's exit status (:class:`~pyvmm.status.ExitStatus`).

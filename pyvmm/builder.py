@@ -7,6 +7,7 @@ Resources go into one ExitStack so a failure half-way releases what was made, in
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -23,13 +24,16 @@ from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.acpi_sleep import AcpiSleep
 from pyvmm.devices.boottimer import BOOT_TIMER_SIZE, BootTimer
+from pyvmm.devices.guestexit import GUEST_EXIT_SIZE, GuestExit
 from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.pvpanic import PVPANIC_PANICKED, PVPANIC_PORT_SIZE, PvPanic, describe
 from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
+from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
 from pyvmm.interrupt import EventFd, EventFdIrq
 from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
 from pyvmm.kvm.system import Kvm
@@ -43,6 +47,8 @@ from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
 from pyvmm.trace import EVENT_CLASSES, Tracer
 from pyvmm.vmm import Vmm
+
+log = logging.getLogger(__name__)
 
 # Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
 # reboot through the keyboard controller (the VMM sees it), no PCI bus to probe.
@@ -145,6 +151,47 @@ def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int 
     return ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
 
 
+def add_exec_arg(cmdline: Cmdline, cmd: str | None) -> None:
+    """``--exec``: the kernel argument the guest's /init runs (pyvmm.guestexec), given once."""
+    if cmd is None:
+        return
+    if cmdline.has(EXEC_KEY) or cmdline.has(EXEC64_KEY):
+        raise ConfigError(f"--exec and {EXEC_KEY}= in the command line: give the command once")
+    cmdline.add(*exec_arg(cmd))
+
+
+def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
+                       stop: Callable[[ExitStatus, str], None]) -> tuple[PvPanic, GuestExit]:
+    """The two devices through which the guest itself says how it ended, wired to the VM: pvpanic (a
+    panic counts whatever follows; with ``exit_on_panic`` the VM stops after the grace period that lets
+    the panic report reach the console; with ``--no-panic-exit`` only a log line, as the console's panic
+    watcher is off then too) and the guest exit device (the VM ends with the guest's status)."""
+
+    def on_pvpanic(events: int) -> None:
+        if not config.exit_on_panic:  # like the console's panic watcher, which is off then too
+            log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running",
+                        describe(events))
+            return
+        if vmm_ref:
+            vmm_ref[0].note_panic(f"reported by pvpanic ({describe(events)})")
+        if events & PVPANIC_PANICKED:
+            # A crash kernel that was loaded (CRASH_LOADED alone) is left to do its work.
+            def stop_after_grace() -> None:
+                line = vmm_ref[0].console.panic_line if vmm_ref else None
+                stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
+                                             "(reported by pvpanic)")
+
+            t = threading.Timer(PANIC_GRACE_S, stop_after_grace)
+            t.daemon = True
+            t.start()
+
+    def on_exit(status: int) -> None:
+        if vmm_ref:
+            vmm_ref[0].guest_exit(status)
+
+    return PvPanic(on_pvpanic), GuestExit(on_exit)
+
+
 def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
                   console_fd: int | None) -> Vmm:
     host = hostkvm.resolve(config.workarounds)
@@ -160,6 +207,7 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
     initrd = load_initrd(mem, config.initrd, kernel, ram) if config.initrd else None
     cmdline = Cmdline(min(layout.CMDLINE_MAX - 1, kernel.cmdline_size))
     cmdline.extend(config.cmdline)
+    add_exec_arg(cmdline, config.exec_cmd)
     for key, value in DEFAULT_ARGS:
         cmdline.add(key, value, if_absent=True)
     for arg in host.workaround_args:
@@ -184,6 +232,9 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
             "acpi-sleep")
     boot_timer = BootTimer()
     mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
+    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
+    pio.add(layout.PVPANIC_PORT, PVPANIC_PORT_SIZE, pvpanic, "pvpanic")
+    mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
 
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
                  window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None)
@@ -194,7 +245,7 @@ def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildRe
     virtio = [] if config.devices_via == "cmdline" else [
         acpi_tables.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq)
         for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
-    acpi = acpi_tables.write(mem, config.cpus, virtio)
+    acpi = acpi_tables.write(mem, config.cpus, virtio, pvpanic_port=layout.PVPANIC_PORT)
     mptable.write(mem, config.cpus)
     write_boot_params(mem, kernel, report.cmdline.encode(), initrd, build_e820(ram),
                       acpi_rsdp_addr=acpi.rsdp_addr)

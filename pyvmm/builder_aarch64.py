@@ -16,7 +16,16 @@ import os
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
 from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
-from pyvmm.builder import BuildReport, attach_disks, create_vm, irqfd, make_console, make_stopper
+from pyvmm.builder import (
+    BuildReport,
+    add_exec_arg,
+    attach_disks,
+    create_vm,
+    irqfd,
+    make_console,
+    make_guest_reports,
+    make_stopper,
+)
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
 from pyvmm.devices.serial import Serial16550
@@ -54,6 +63,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     initrd = load_initrd_aarch64(mem, config.initrd, kernel.kernel_end, fdt_addr) if config.initrd else None
     cmdline = Cmdline(CMDLINE_MAX - 1)
     cmdline.extend(config.cmdline)
+    add_exec_arg(cmdline, config.exec_cmd)
 
     # Devices.
     loop = EventLoop()
@@ -66,6 +76,9 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     irqfds: list[tuple[int, int]] = []  # registered once the vGIC is initialised (after the vCPUs)
     serial = Serial16550(irqfd(vm, stack, layout.UART_SPI, irqfds), console)
     mmio.add(layout.UART_ADDR, UART_REGS, serial, "uart")
+    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
+    mmio.add(layout.PVPANIC_ADDR, layout.PVPANIC_SIZE, pvpanic, "pvpanic")
+    mmio.add(layout.GUEST_EXIT_ADDR, layout.GUEST_EXIT_SIZE, guest_exit, "guest-exit")
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
                  window=layout.VIRTIO_MMIO_SIZE, cmdline=None, deferred_irqfds=irqfds)
     report.cmdline = str(cmdline)

@@ -32,6 +32,7 @@ examples:
   pyvmm run --kernel images/out/vmlinux --initrd images/out/initrd.cpio.gz --memory 512M
   pyvmm run --kernel bzImage --disk path=rootfs.ext4 --cmdline "console=ttyS0 root=/dev/vda rw"
   pyvmm run --config vm.toml --memory 1G --trace virtio --trace-file trace.txt
+  pyvmm run --kernel images/out/bzImage --initrd images/out/initrd.cpio.gz --exec "uname -r"
   pyvmm config --print --config vm.toml --memory 1G     (the effective configuration, as TOML)
 """
 
@@ -79,6 +80,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="at the end, print exits by kind and device register, the VMM time spent on each, the "
                         "time in KVM_RUN and from process start to the first KVM_RUN")
+    p.add_argument("--exec", metavar="CMD",
+                   help="run CMD in the guest and exit with its status: the default guests' /init runs "
+                        "`sh -c CMD` (kernel argument pyvmm.exec=), reports the status through the guest exit "
+                        "device and the VM ends; pyvmm exits 0 if CMD succeeded, else 32 + its status (see "
+                        "exit status below; 7 if the guest ended without reporting one).  Needs guest user "
+                        "space: a hardware KVM or the KVM lab")
     p.add_argument("-v", "--verbose", action="count", help="more VMM messages on stderr (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
 

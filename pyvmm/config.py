@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import ConfigError
+from pyvmm.guestexec import check_exec
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -188,6 +189,8 @@ class VmConfig:
     devices_via: str = "both"
     # --stats: count exits by kind and register and time them (the counting vCPU loop; pyvmm.exitstats)
     stats: bool = False
+    # --exec: the command the guest's /init runs, its status reported back (pyvmm.guestexec)
+    exec_cmd: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,3 +201,4 @@ class VmConfig:
         check_choice("boot mode", self.boot, BOOT_MODES)
         check_choice("workarounds mode", self.workarounds, WORKAROUND_MODES)
         check_choice("devices-via", self.devices_via, DEVICES_VIA)
+        check_exec(self.exec_cmd)

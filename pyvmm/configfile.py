@@ -42,6 +42,7 @@ from pyvmm.config import (
     parse_memory,
 )
 from pyvmm.errors import ConfigError
+from pyvmm.guestexec import check_exec
 from pyvmm.trace import parse_selectors
 
 
@@ -63,6 +64,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "devices-via": lambda v: check_choice("devices-via", v, DEVICES_VIA),
     "verbose": _check_verbose,
     "trace": parse_selectors,
+    "exec": check_exec,
 }
 
 
@@ -87,6 +89,7 @@ class RunSettings:
     quiet: bool = False
     devices_via: str = "both"
     stats: bool = False
+    exec: str | None = None
 
     def __post_init__(self) -> None:
         for key, check in CHECKS.items():
@@ -100,7 +103,7 @@ class RunSettings:
             kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, memory=self.memory, cpus=self.cpus,
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
             timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
-            trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats,
+            trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats, exec_cmd=self.exec,
         )
 
     def to_toml(self, *, header: str = "") -> str:
@@ -129,6 +132,7 @@ class RunSettings:
         put("verbose", self.verbose)
         put("quiet", self.quiet)
         put("stats", self.stats)
+        put("exec", self.exec, " (the guest's init runs as it likes)")
         for disk in self.disks:
             out += ["", "[[disk]]"]
             put("path", _abs(disk.path))
@@ -180,7 +184,7 @@ FILE_KEYS = {
     "kernel": "kernel", "initrd": "initrd", "cmdline": "cmdline", "memory": "memory", "cpus": "cpus",
     "disk": "disks", "console": "console", "boot": "boot", "workarounds": "workarounds",
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
-    "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats",
+    "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats", "exec": "exec",
 }
 DISK_KEYS = ("path", "readonly", "serial", "cache", "discard", "snapshot")
 
@@ -230,7 +234,7 @@ def _path(value: object, base: Path, where: str) -> Path:
 def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
     if key in ("kernel", "initrd", "trace-file"):
         return _path(value, base, where)
-    if key in ("cmdline", "boot", "workarounds", "devices-via"):
+    if key in ("cmdline", "boot", "workarounds", "devices-via", "exec"):
         _need(isinstance(value, str), where, "a string", value)
         return value
     if key == "console":

@@ -52,7 +52,8 @@ def _attach_stdin(vmm: Vmm) -> ConsoleInput | None:
     return console_in
 
 
-def run_vm(config: VmConfig, *, quiet: bool = False) -> ExitStatus:
+def run_vm(config: VmConfig, *, quiet: bool = False) -> int:
+    """Build and run the VM; return pyvmm's exit status (pyvmm.status)."""
     t0 = time.monotonic()
     vmm, report = build_vm(config)
     if not quiet:
@@ -69,16 +70,20 @@ def run_vm(config: VmConfig, *, quiet: bool = False) -> ExitStatus:
     finally:
         if console_in is not None:
             console_in.restore()
+    if config.exec_cmd is not None and result.status == ExitStatus.OK and result.guest_status is None:
+        result.status = ExitStatus.NO_GUEST_STATUS
+        result.reason = (f"{result.reason}, without reporting the --exec command's status (does the guest's "
+                         "init honour pyvmm.exec=? images/init.sh does)")
     report_result(result, quiet=quiet)
-    return result.status
+    return result.exit_code
 
 
 def report_result(result: VmResult, *, quiet: bool = False) -> None:
-    if result.status != ExitStatus.OK or not quiet:
+    if result.exit_code != 0 or not quiet:
         exits = ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items()))
         # ru_maxrss is in KiB on Linux; it includes the guest RAM the guest touched.
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-        print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {int(result.status)}); exits: {exits}; "
+        print_err(f"{result.reason} after {result.elapsed:.1f} s (exit status {result.exit_code}); exits: {exits}; "
                   f"peak RSS {peak} MiB")
         for line in report_lines(result.vcpu_report, result.last_console_line):
             print_err(line)

@@ -38,7 +38,7 @@ from pyvmm.kvm import abi
 from pyvmm.kvm import exits as kx
 from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
-from pyvmm.status import ExitStatus
+from pyvmm.status import ExitStatus, guest_exit_code
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,15 @@ class VmResult:
     last_console_line: str | None = None
     # Exits by kind and register, and where the time went: only with --stats (Vmm(stats=True))
     stats: ExitStats | None = None
+    # The status the guest reported through the guest exit device (0-255), if it ended that way
+    guest_status: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """pyvmm's process exit status for this result (pyvmm.status: a guest status N is 32 + N)."""
+        if self.status == ExitStatus.OK and self.guest_status is not None:
+            return guest_exit_code(self.guest_status)
+        return int(self.status)
 
 
 @dataclass
@@ -139,10 +148,13 @@ class Vmm:
         self._vcpu_loop = self._counting_loop if stats else self._plain_loop
         self._counters: list[ExitCounter] = []
         self._age_at_start: float | None = None  # process age at started_at (for --stats)
+        # A panic the guest reported other than on its console (pvpanic): like the console's panic line,
+        # it decides the result whatever the guest does next.
+        self.panic_report: str | None = None
         self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------
-    def request_stop(self, status: ExitStatus, reason: str) -> None:
+    def request_stop(self, status: ExitStatus, reason: str, *, guest_status: int | None = None) -> None:
         """Thread-safe; the first call decides the result.  Guest writes still in KVM's coalesced ring are
         replayed first, so the devices (the console's panic watcher) have seen all the guest did before."""
         if self.coalesced is not None and self._result is None:
@@ -153,18 +165,31 @@ class Vmm:
         with self._lock:
             if self._result is not None:
                 return
-            panic = self.console.panic_line
+            panic = self.console.panic_line or self.panic_report
+            if self.console.panic_line and self.panic_report:
+                panic = f"{panic} (also {self.panic_report})"
             if panic is not None and status in _AFTER_A_PANIC:
                 # A kernel with panic=-1 or panic=N resets right after its panic report, and a hung one
                 # runs into the timeout: the panic is still how the guest ended.
                 status, reason = ExitStatus.GUEST_PANIC, f"guest kernel panic: {panic} (then: {reason})"
-            self._result = VmResult(status, reason)
+            self._result = VmResult(status, reason, guest_status=guest_status if status == ExitStatus.OK else None)
             self._stop = True
             self.progress.mark_stop(time.monotonic())
         for vcpu in self.vcpus:
             vcpu.kick()
         self._signal_vcpus()
         self.loop.stop()
+
+    def note_panic(self, report: str) -> None:
+        """Record a panic the guest reported through a device (thread-safe; the first report is kept)."""
+        with self._lock:
+            if self.panic_report is None:
+                self.panic_report = report
+
+    def guest_exit(self, guest_status: int) -> None:
+        """The guest asked to end the VM with ``guest_status`` (0-255): the guest exit device."""
+        self.request_stop(ExitStatus.OK, f"guest exited with status {guest_status} (guest exit device)",
+                          guest_status=guest_status)
 
     def _signal_vcpus(self) -> None:
         if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):

@@ -18,6 +18,18 @@ with open(args[args.index("--config") + 1], "rb") as f:
     conf = tomllib.load(f)
 print(f"pyvmm: kernel {{conf['kernel']}}, memory {{conf['memory']}}", file=sys.stderr, flush=True)
 os.write(1, b"Linux version 6.1-fake\\r\\nRun /init as init process\\r\\n")
+if "exec" in conf:  # --exec: what images/init.sh prints, and pyvmm's status for the guest's
+    if conf["exec"] == "PANIC":
+        os.write(1, b"Kernel panic - not syncing: fake\\r\\n")
+        print("pyvmm: guest kernel panic: fake after 0.1 s (exit status 3)", file=sys.stderr, flush=True)
+        sys.exit(3)
+    os.write(1, b"PYVMM-EXEC: begin\\r\\n")
+    p = subprocess.run(["sh", "-c", conf["exec"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.write(1, p.stdout.replace(b"\\n", b"\\r\\n") + b"\\r\\nPYVMM-EXEC: end %d\\r\\n" % p.returncode)
+    code = 0 if p.returncode == 0 else min(32 + p.returncode, 255)
+    print(f"pyvmm: guest exited with status {{p.returncode}} (guest exit device) after 0.1 s (exit status "
+          f"{{code}})", file=sys.stderr, flush=True)
+    sys.exit(code)
 sh = subprocess.Popen(["sh"], env={{"PATH": os.environ.get("PATH", "/usr/bin:/bin")}})
 def stop(*_):
     sh.kill()

@@ -335,6 +335,12 @@ def _check_machine(dts: Node, gic: int, cpus: int, nvirtio: int, initrd: bool) -
         assert cells(v["reg"]) == [0, 0x0A00_0000 + 0x1000 * i, 0, 0x1000]
         assert cells(v["interrupts"]) == [0, layout.VIRTIO_SPI_BASE + i, 1]
 
+    # bindings/misc/pvpanic-mmio.txt: compatible and a 2-byte reg; and our guest exit device's page
+    pvpanic = kids["pvpanic-mmio@9001000"]["props"]
+    assert pvpanic == {"compatible": '"qemu,pvpanic-mmio"', "reg": "<0x00 0x9001000 0x00 0x02>"}
+    assert cells(kids["guest-exit@9002000"]["props"]["reg"]) == [0, 0x0900_2000, 0, 0x1000]
+    assert kids["guest-exit@9002000"]["props"]["compatible"] == '"pyvmm,guest-exit"'
+
 
 @needs_dtc
 @pytest.mark.parametrize("gic", [3, 2])

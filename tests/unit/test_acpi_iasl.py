@@ -25,7 +25,7 @@ def disassembly(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for i in range(2):
         base, irq = layout.virtio_mmio_slot(i)
         virtio.append(t.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq))
-    acpi = t.build(2, virtio)
+    acpi = t.build(2, virtio, pvpanic_port=layout.PVPANIC_PORT)
     out = {}
     for sig, (_, data) in acpi.tables.items():
         if sig == "RSDP":
@@ -56,6 +56,12 @@ def test_dsdt(disassembly: dict[str, str]) -> None:
            "                    0x00000005," in dsl
     assert "IRQNoFlags ()\n                    {4}" in dsl
     assert "Name (\\_S5, Package (0x02)" in dsl
+    # pvpanic as Linux's pvpanic-mmio driver matches it: _HID "QEMU0001", one I/O port
+    assert re.search(r'Device \(PEVT\)\s*\{\s*Name \(_HID, "QEMU0001"\)', dsl), dsl
+    assert "IO (Decode16,\n                    0x0505,             // Range Minimum\n" \
+           "                    0x0505,             // Range Maximum\n" \
+           "                    0x01,               // Alignment\n" \
+           "                    0x01,               // Length" in dsl
 
 
 def test_madt(disassembly: dict[str, str]) -> None:

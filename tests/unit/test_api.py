@@ -13,9 +13,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from pyvmm import VM, CommandResult, Console, ConsoleEOF, ConsoleTimeout, VmTimeout
+from pyvmm import VM, CommandResult, Console, ConsoleEOF, ConsoleTimeout, GuestCommandError, VmTimeout
 from pyvmm.config import DiskConfig
-from pyvmm.errors import ConfigError
+from pyvmm.errors import ConfigError, VmmError
 
 
 @pytest.fixture
@@ -208,3 +208,28 @@ def test_console_errors_without_a_vm_have_no_status(shell: Console) -> None:
         shell.expect("never printed", timeout=0.2)
     assert info.value.status is None and info.value.log_tail == ""
     assert "pyvmm log" not in str(info.value)
+
+
+# -- VM.exec: one command, its status and its output ---------------------------------------------------
+def test_vm_exec_returns_the_commands_status_and_output(fake_pyvmm: Path, kernel: Path) -> None:
+    vm = VM(kernel, python=str(fake_pyvmm), name="exec")
+    status, output = vm.exec("echo hello; echo world; exit 3", timeout=30)
+    assert (status, output) == (3, "hello\nworld\n")
+    assert vm.status == 35  # pyvmm's own status for "the guest reported 3"
+    assert "PYVMM-EXEC: begin" in vm.console_text and "guest exited with status 3" in vm.log  # still readable
+    assert VM(kernel, python=str(fake_pyvmm)).exec("printf 'no newline'", timeout=30) == (0, "no newline")
+    assert VM(kernel, python=str(fake_pyvmm)).exec("exit 240", timeout=30).status == 240  # beyond 222: the log
+
+
+def test_vm_exec_errors(fake_pyvmm: Path, kernel: Path) -> None:
+    with pytest.raises(GuestCommandError, match="did not report a status") as info:
+        VM(kernel, python=str(fake_pyvmm)).exec("PANIC", timeout=30)
+    assert info.value.status == 3 and "Kernel panic" in str(info.value)
+    with VM(kernel, python=str(fake_pyvmm)) as vm, pytest.raises(VmmError, match="not started"):
+        vm.exec("true")
+    with pytest.raises(ConfigError, match="needs a command"):
+        VM(kernel, python=str(fake_pyvmm)).exec("  ")
+    vm = VM(kernel, python=str(fake_pyvmm))
+    with pytest.raises(VmTimeout):
+        vm.exec("sleep 30", timeout=1)
+    assert vm.status is not None and not vm.running  # stopped, and closed

@@ -304,6 +304,7 @@ OPTIONS = st.fixed_dictionaries({}, optional={
     "verbose": st.integers(0, 3),
     "quiet": st.booleans(),
     "stats": st.booleans(),
+    "exec": st.one_of(_TEXT, st.just('echo "hi" && exit 3')),
     "disk": st.lists(_DISK, max_size=3),
 })
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from pyvmm.arch.aarch64 import layout
 from pyvmm.arch.aarch64.fdt import FdtWriter
+from pyvmm.devices.guestexit import DT_COMPATIBLE as GUEST_EXIT_COMPATIBLE
+from pyvmm.devices.pvpanic import DT_COMPATIBLE as PVPANIC_COMPATIBLE
 
 # include/dt-bindings/interrupt-controller/arm-gic.h: interrupt specifier cell 0.
 GIC_SPI = 0
@@ -70,9 +72,11 @@ def build_device_tree(
     virtio: list[tuple[int, int]],
     uart: bool = True,
     rng_seed: bytes | None = None,
+    reports: bool = True,
 ) -> bytes:
     """The DTB for a machine with ``ram`` regions ``(gpa, size)``, ``cpus`` vCPUs, the GIC of
-    ``gic_version`` (3 or 2), the UART if ``uart`` and one virtio-mmio device per ``(base, spi)``.
+    ``gic_version`` (3 or 2), the UART if ``uart``, one virtio-mmio device per ``(base, spi)`` and, if
+    ``reports``, the pvpanic and guest exit devices.
 
     ``initrd`` is ``(start, end)``, end exclusive, as Linux reads ``linux,initrd-end``
     (drivers/of/fdt.c early_init_dt_check_for_initrd: size = end - start).  ``rng_seed``, if given,
@@ -123,6 +127,9 @@ def build_device_tree(
         _uart(w)
     for base, spi in virtio:
         _virtio(w, base, spi)
+    if reports:
+        _reg_only(w, "pvpanic-mmio", PVPANIC_COMPATIBLE, layout.PVPANIC_ADDR, layout.PVPANIC_SIZE)
+        _reg_only(w, "guest-exit", GUEST_EXIT_COMPATIBLE, layout.GUEST_EXIT_ADDR, layout.GUEST_EXIT_SIZE)
     w.end_node()
 
     blob = w.finish(boot_cpuid=mpidr_affinity(0))
@@ -237,6 +244,15 @@ def _uart(w: FdtWriter) -> None:
     w.property_u32("clock-frequency", UART_CLOCK_HZ)
     w.property_u32("reg-shift", 0)
     w.property_u32("reg-io-width", 1)
+    w.end_node()
+
+
+def _reg_only(w: FdtWriter, name: str, compatible: str, base: int, size: int) -> None:
+    # A device with one register region and no interrupt: pvpanic-mmio.txt ("qemu,pvpanic-mmio", reg) and
+    # our guest exit device (pyvmm/devices/guestexit.py), which no Linux driver binds.
+    w.begin_node(_unit(name, base))
+    w.property_string("compatible", compatible)
+    w.property_u64("reg", base, size)
     w.end_node()
 
 

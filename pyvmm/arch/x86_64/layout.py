@@ -43,6 +43,8 @@ VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_MMIO_MAX = 8
 # boot-timing page (pyvmm/devices/boottimer.py): right after the last virtio-mmio slot
 BOOT_TIMER_ADDR = VIRTIO_MMIO_BASE + VIRTIO_MMIO_MAX * VIRTIO_MMIO_SIZE
+# the guest exit device (pyvmm/devices/guestexit.py), the page after the boot timer
+GUEST_EXIT_ADDR = BOOT_TIMER_ADDR + 0x1000
 
 # IOAPIC / LAPIC are at their architectural defaults; KVM's in-kernel irqchip models them there.
 IOAPIC_ADDR = 0xFEC0_0000
@@ -55,6 +57,7 @@ COM1_IRQ = 4
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 DEBUG_EXIT_PORT = 0x501  # firmware test guests write their result here
+PVPANIC_PORT = 0x505  # pvpanic (pyvmm/devices/pvpanic.py): QEMU's ISA port, announced in the DSDT
 # ACPI hardware-reduced sleep control/status registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG),
 # one byte each; a write of SLP_TYP=5 | SLP_EN powers the VM off.
 ACPI_SLEEP_CONTROL_PORT = 0x600

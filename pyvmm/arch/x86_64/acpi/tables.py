@@ -11,7 +11,7 @@
 - MADT: 5.2.12: one Processor Local APIC (5.2.12.2) per vCPU (Processor Local x2APIC, 5.2.12.12, for
   ids of 255 and up), the I/O APIC (5.2.12.3), Interrupt Source Overrides (5.2.12.5) and a Local APIC
   NMI (5.2.12.7) on LINT1.
-- DSDT: 5.2.11.1, AML (see :mod:`.aml`): \\_SB.COM1 (PNP0501), one LNRO0005 device per virtio-mmio
+- DSDT: 5.2.11.1, AML (see :mod:`.aml`): \\_SB.COM1 (PNP0501), \\_SB.PEVT (QEMU0001, pvpanic), one LNRO0005 device per virtio-mmio
   window (the id Linux's drivers/virtio/virtio_mmio.c matches), and \\_S5.
 
 Interrupts match what KVM does with our irqfds: KVM's default GSI routing sends GSI n (0-15) to IOAPIC
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pyvmm.arch.x86_64 import layout, mptable
 from pyvmm.arch.x86_64.acpi import aml
+from pyvmm.devices import pvpanic
 from pyvmm.memory import GuestMemory
 
 OEM_ID = b"PYVMM "  # 6 bytes
@@ -202,8 +203,21 @@ def serial_aml() -> bytes:
     )
 
 
-def dsdt(virtio: Sequence[VirtioMmioDevice]) -> bytes:
-    body = aml.scope("\\_SB", serial_aml(), *(virtio_device_aml(i, d) for i, d in enumerate(virtio)))
+def pvpanic_aml(port: int) -> bytes:
+    """Device (PEVT) { _HID "QEMU0001", _CRS { IO (port, len 1) } }: the pvpanic device as QEMU's DSDT
+    names it, which is what Linux's pvpanic-mmio driver matches (drivers/misc/pvpanic/pvpanic-mmio.c)."""
+    return aml.device(
+        "PEVT",
+        aml.name("_HID", aml.string(pvpanic.ACPI_HID)),
+        aml.name("_CRS", aml.resource_template(aml.io(port, port, 1, 1))),
+    )
+
+
+def dsdt(virtio: Sequence[VirtioMmioDevice], *, pvpanic_port: int | None = None) -> bytes:
+    devices = [serial_aml(), *(virtio_device_aml(i, d) for i, d in enumerate(virtio))]
+    if pvpanic_port is not None:
+        devices.append(pvpanic_aml(pvpanic_port))
+    body = aml.scope("\\_SB", *devices)
     # 7.4.2 \_S5: SLP_TYPa, SLP_TYPb.  With HW-reduced ACPI the OS writes SLP_TYPa | SLP_EN to
     # SLEEP_CONTROL_REG (ACPICA hwesleep.c); Linux offers ACPI power-off only when \_S5 exists.
     body += aml.name("\\_S5", aml.package(aml.integer(S5_SLP_TYP), aml.integer(0)))
@@ -229,12 +243,12 @@ class AcpiTables:
 
 
 def build(cpu_count: int, virtio: Sequence[VirtioMmioDevice], *, base: int = layout.ACPI_TABLES_START,
-          limit: int = layout.ACPI_TABLES_END) -> AcpiTables:
+          limit: int = layout.ACPI_TABLES_END, pvpanic_port: int | None = None) -> AcpiTables:
     """Lay out RSDP, XSDT, FADT, MADT and DSDT from ``base`` (each 16-byte aligned)."""
     if base % 16:
         raise ValueError("the RSDP must be 16-byte aligned (ACPI 6.5 5.2.5.1)")
     isa_irqs = [TIMER_IRQ, layout.COM1_IRQ, *(d.irq for d in virtio)]
-    dsdt_b = dsdt(virtio)
+    dsdt_b = dsdt(virtio, pvpanic_port=pvpanic_port)
     madt_b = madt(cpu_count, isa_irqs)
     rsdp_addr = base
     xsdt_addr = rsdp_addr + _align(RSDP_SIZE)
@@ -257,8 +271,9 @@ def build(cpu_count: int, virtio: Sequence[VirtioMmioDevice], *, base: int = lay
     return AcpiTables(base, bytes(blob), placed)
 
 
-def write(mem: GuestMemory, cpu_count: int, virtio: Sequence[VirtioMmioDevice]) -> AcpiTables:
+def write(mem: GuestMemory, cpu_count: int, virtio: Sequence[VirtioMmioDevice], *,
+          pvpanic_port: int | None = None) -> AcpiTables:
     """Build the tables and copy them into the BIOS area of guest RAM (E820-reserved by build_e820)."""
-    acpi = build(cpu_count, virtio)
+    acpi = build(cpu_count, virtio, pvpanic_port=pvpanic_port)
     mem.write(acpi.base, acpi.blob)
     return acpi
