@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from pyvmm.devices.ratelimit import LogLimiter
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,7 @@ class Bus:
         self._ranges: list[_Range] = []
         self._unclaimed_read = unclaimed_read
         self.unclaimed = 0  # accesses no device claimed, for exit statistics
+        self._unclaimed_log = LogLimiter()
 
     def add(self, base: int, size: int, device: BusDevice, name: str) -> None:
         if size <= 0:
@@ -107,8 +110,7 @@ class Bus:
 
     def _note_unclaimed(self, kind: str, addr: int, size: int, value: int | None = None) -> None:
         self.unclaimed += 1
-        # Rate limit: the first few, then every power of two, so a polling guest cannot flood the log.
         n = self.unclaimed
-        if n <= 8 or n & (n - 1) == 0:
+        if self._unclaimed_log.tick():  # a polling guest cannot flood the log
             extra = "" if value is None else f" value={value:#x}"
             log.debug("%s: unclaimed %s at %#x size=%d%s (%d so far)", self.name, kind, addr, size, extra, n)

@@ -135,6 +135,18 @@ def test_flush_and_get_id(rig: Rig) -> None:
     assert data == b"pyvmm-serial-0001\0\0\0"
 
 
+def test_get_id_into_a_larger_buffer_counts_only_the_id(rig: Rig) -> None:
+    head = rig.submit(b.VIRTIO_BLK_T_GET_ID, in_len=64)
+    buf = rig.q.buffers[head][1][0]
+    rig.mem.write(buf, b"\xaa" * 64)
+    rig.t.notify(0)
+    (u,) = rig.q.get_used()
+    data = rig.mem.read(buf, 64)
+    # 20 bytes of id, the rest untouched; the status byte lies after 44 unwritten bytes: len 20 (§2.7.8.2)
+    assert data == b"pyvmm-serial-0001\0\0\0" + b"\xaa" * 44
+    assert u.length == 20 and rig.mem.read(rig.q.buffers[head][-1][0], 1) == bytes([b.VIRTIO_BLK_S_OK])
+
+
 def test_unknown_type_is_unsupported(rig: Rig) -> None:
     assert rig.run(99, in_len=512)[0] == b.VIRTIO_BLK_S_UNSUPP
     assert rig.run(10, in_len=16)[0] == b.VIRTIO_BLK_S_UNSUPP  # GET_LIFETIME not offered
@@ -156,7 +168,9 @@ def test_unknown_type_is_unsupported(rig: Rig) -> None:
 def test_bad_requests_get_ioerr(rig: Rig, rtype: int, sector: int, out: bytes, in_len: int) -> None:
     before = rig.image.read_bytes()
     status, used, _ = rig.run(rtype, sector, out=out, in_len=in_len)
-    assert (status, used) == (b.VIRTIO_BLK_S_IOERR, 1)
+    # §2.7.8.2: len counts what was written from the start of the writable part.  Nothing was written into
+    # a data buffer, so with one the status byte (after it) is not counted: 0; with only the status byte, 1.
+    assert (status, used) == (b.VIRTIO_BLK_S_IOERR, 0 if in_len else 1)
     assert rig.image.read_bytes() == before
 
 

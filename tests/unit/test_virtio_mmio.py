@@ -166,13 +166,87 @@ def test_queue_registers(rig: Rig) -> None:
     assert rig.t.queues[0].desc_addr == 0x2_0000_1000
 
 
-def test_queue_registers_frozen_after_driver_ok(rig: Rig) -> None:
+def test_queue_layout_frozen_after_driver_ok(rig: Rig) -> None:
     setup_device(rig.t, [rig.q0, rig.q1])
     rig.w(m.REG_QUEUE_SEL, 0)
-    rig.w(m.REG_QUEUE_READY, 0)
     rig.w(m.REG_QUEUE_NUM, 4)
+    rig.w(m.REG_QUEUE_DESC_LOW, 0x5000)
+    assert rig.t.queues[0].size == 16 and rig.t.queues[0].desc_addr == rig.q0.desc_addr
+
+
+def test_queue_ready_0_after_driver_ok_stops_the_queue(rig: Rig) -> None:
+    # §4.2.2: QueueReady reads back the last value written, and the device does not touch a queue whose
+    # QueueReady is 0.
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_READY, 0)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    used_idx = rig.mem.read(rig.q0.used_addr, 4)
+    head = rig.q0.add_chain([(4, True)])
+    rig.w(m.REG_QUEUE_NOTIFY, 0)
+    rig.t.notify(0, via="ioeventfd")
+    assert rig.dev.processed == [] and rig.irq.count == 0
+    assert rig.mem.read(rig.q0.used_addr, 4) == used_idx  # the used ring untouched
+    rig.w(m.REG_QUEUE_SEL, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 1  # the other queue runs on
+    # Started again (the layout is the one it had): the waiting buffer is served.
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_READY, 1)
     assert rig.r(m.REG_QUEUE_READY) == 1
-    assert rig.t.queues[0].size == 16
+    rig.w(m.REG_QUEUE_NOTIFY, 0)
+    assert [u.head for u in rig.q0.get_used()] == [head] and rig.irq.count == 1
+
+
+def test_queue_ready_0_waits_for_the_queues_work_in_flight(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.dev.block = threading.Event()
+    rig.q0.add_chain([(4, True)])
+    worker = threading.Thread(target=rig.t.notify, args=(0,))
+    worker.start()
+    assert rig.dev.entered.wait(5)
+    stopper = threading.Thread(target=rig.w, args=(m.REG_QUEUE_READY, 0))
+    stopper.start()
+    stopper.join(0.1)
+    assert stopper.is_alive()  # once the write returns, nothing of the queue is in flight
+    rig.dev.block.set()
+    worker.join(5)
+    stopper.join(5)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+
+
+def test_a_queue_not_ready_at_driver_ok_cannot_be_started_later(rig: Rig) -> None:
+    setup_device(rig.t, [rig.q0])  # the driver set up queue 0 only
+    rig.w(m.REG_QUEUE_SEL, 1)
+    rig.w(m.REG_QUEUE_READY, 1)  # its layout was never written, and now cannot be
+    assert rig.r(m.REG_QUEUE_READY) == 0
+
+
+def test_a_reset_never_follows_its_own_completion_interrupt(rig: Rig) -> None:
+    # The used ring advances, then a reset comes before the interrupt is raised: the reset must wait for
+    # the interrupt (raised while the device is still live), not the other way round.
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    seen: list[int] = []
+    trigger = rig.irq.trigger
+
+    def irq_trigger() -> None:
+        seen.append(rig.t.status)  # the device status when the interrupt goes out
+        trigger()
+
+    rig.irq.trigger = irq_trigger  # type: ignore[method-assign]
+    signal = rig.t.signal_used_buffer
+    resetter = threading.Thread(target=rig.w, args=(m.REG_STATUS, 0))
+
+    def signal_with_a_reset_racing() -> None:
+        resetter.start()
+        resetter.join(0.3)  # a reset that can run now would be done by then
+        signal()
+
+    rig.t.signal_used_buffer = signal_with_a_reset_racing  # type: ignore[method-assign]
+    rig.q0.add_chain([(4, True)])
+    rig.t.notify(0)
+    resetter.join(5)
+    assert seen == [15]  # raised before the reset, on a live device
+    assert rig.r(m.REG_STATUS) == 0 and rig.r(m.REG_INTERRUPT_STATUS) == 0
 
 
 def test_notify_before_driver_ok_does_nothing(rig: Rig) -> None:
@@ -270,3 +344,14 @@ def test_trace_off_by_default() -> None:
     assert t.trace is None
     t.notify(0)
     mem.close()
+
+
+def test_guest_triggered_warnings_are_rate_limited(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_NUM, 12)  # not a power of two: every QueueReady write is refused with a warning
+    with caplog.at_level("WARNING", logger=m.__name__):
+        for _ in range(1000):
+            rig.w(m.REG_QUEUE_READY, 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8 + 6  # the first 8, then the 16th, 32nd, 64th, 128th, 256th and 512th
+    assert lines[-1].endswith("(512 guest errors so far)")

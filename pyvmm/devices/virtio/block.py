@@ -17,9 +17,14 @@ Error handling, by who can be told:
   needed" does not apply: the device returns it in the used ring with len 0 (so the driver does not
   lose the descriptors) and carries on.
 
-Data moves with ``preadv``/``pwritev`` straight between the image and memoryviews of guest RAM.  The
-used length is the number of bytes written into device-writable buffers: data plus the status byte
-(1 when only the status was written).
+Data moves with ``preadv``/``pwritev`` straight between the image and memoryviews of guest RAM.
+
+The used length (§2.7.8.2: "The device MUST write at least len bytes to descriptor, beginning at the
+first device-writable buffer") counts the bytes written from the start of the device-writable part
+without a gap.  Data is written from its start and the status byte is the part's last byte, so: all of
+it (data + 1) when the data filled its buffers, 1 for a request whose only writable byte is the status,
+and only the data written otherwise: 0 for a failed read (the status byte alone lies past unwritten
+data), 20 for GET_ID into a 64-byte buffer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import struct
 from collections.abc import Sequence
 
 from pyvmm.config import DiskConfig
+from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.devices.virtio.disk import SECTOR_SIZE, Disk, RawDisk
 from pyvmm.devices.virtio.mmio import (
     VIRTIO_F_EVENT_IDX,
@@ -177,6 +183,7 @@ class VirtioBlock(VirtioDevice):
         self._writethrough = True
         self._discard_ok = self._write_zeroes_ok = False
         self.errors = 0
+        self._error_log = LogLimiter()
 
     def process_queue(self, index: int, mem: GuestMemory) -> bool:
         if index >= len(self._queues):
@@ -244,7 +251,8 @@ class VirtioBlock(VirtioDevice):
         mem.pack_into(_STATUS, status_addr, status)
         if self.trace is not None:
             self.trace(f"io done head={chain.head} status={_STATUS_NAMES.get(status, status)} data={data}")
-        return data + 1
+        # The written prefix of the writable part (module docstring): the status counts only after all data.
+        return data + 1 if data == chain.writable_len - 1 else data
 
     def _in_range(self, sector: int, length: int) -> bool:
         return length % SECTOR_SIZE == 0 and sector + length // SECTOR_SIZE <= self._sectors
@@ -305,7 +313,7 @@ class VirtioBlock(VirtioDevice):
     def _note_error(self, why: str, chain: DescriptorChain) -> None:
         self.errors += 1
         n = self.errors
-        if n <= 8 or n & (n - 1) == 0:  # rate limit: a guest must not flood the log
+        if self._error_log.tick():  # a guest must not flood the log
             log.warning("virtio-blk: %s (head %d; %d request errors so far)", why, chain.head, n)
 
 

@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.interrupt import IrqLine
@@ -159,6 +160,7 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(n) for n in device.queue_max_sizes]
         self._lock = threading.Lock()
         self._process_lock = threading.Lock()
+        self._warn_log = LogLimiter()  # what the guest can make us log, rate-limited
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -171,6 +173,7 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.shm_sel = 0
         self.activated = False
+        self._live_queues: set[int] = set()  # the queues that were ready at DRIVER_OK
         for q in self.queues:
             q.reset()
 
@@ -199,6 +202,10 @@ class VirtioMmioTransport:
             self.notify(value)
         elif offset == REG_STATUS:
             self._write_status(value)
+        elif offset == REG_QUEUE_READY:
+            # The process lock first: once a write of 0 returns, no processing of that queue is in flight.
+            with self._process_lock, self._lock:
+                self._write_queue_ready(value)
         else:
             with self._lock:
                 self._write_register(offset, value)
@@ -255,26 +262,32 @@ class VirtioMmioTransport:
         else:
             self._write_queue_register(offset, value)
 
+    def _write_queue_ready(self, value: int) -> None:
+        """QueueReady (§4.2.2): reading it returns the last value written, and the device does not touch a
+        queue whose QueueReady is 0, before DRIVER_OK and after it (the driver may stop a queue)."""
+        q = self._selected_queue()
+        if q is None:
+            return
+        if not value & 1:
+            q.ready = False
+            return
+        if q.ready:
+            return
+        if self.status & STATUS_DRIVER_OK and self.queue_sel not in self._live_queues:
+            return  # after DRIVER_OK only a queue that was live then may be started again (same layout)
+        problem = q.validate()
+        if problem:
+            if self._warn_log.tick():
+                log.warning("virtio-mmio(%d): queue %d not made ready: %s (%d guest errors so far)",
+                            self.device.device_id, self.queue_sel, problem, self._warn_log.count)
+            return
+        q.ready = True
+
     def _write_queue_register(self, offset: int, value: int) -> None:
         q = self._selected_queue()
         # §4.2.3.2 / §3.1.1: queues are configured before DRIVER_OK; afterwards (without
-        # VIRTIO_F_RING_RESET) the device ignores queue register writes.
+        # VIRTIO_F_RING_RESET) the device ignores writes to the queue's layout.
         if q is None or self.status & STATUS_DRIVER_OK:
-            return
-        if offset == REG_QUEUE_READY:
-            if not value & 1:
-                q.ready = False
-                return
-            problem = q.validate()
-            if problem:
-                log.warning(
-                    "virtio-mmio(%d): queue %d not made ready: %s",
-                    self.device.device_id,
-                    self.queue_sel,
-                    problem,
-                )
-                return
-            q.ready = True
             return
         if q.ready:
             return  # §4.2.3.2: the driver writes the queue layout while the queue is not ready
@@ -319,6 +332,7 @@ class VirtioMmioTransport:
                 for q in self.queues:
                     q.event_idx = bool(features & VIRTIO_F_EVENT_IDX)
                     q.indirect = bool(features & VIRTIO_F_INDIRECT_DESC)
+                self._live_queues = {i for i, q in enumerate(self.queues) if q.ready}
             self.status = new
         if activate:
             self.device.activate(self.mem, self.queues, features)
@@ -361,10 +375,12 @@ class VirtioMmioTransport:
             except (VirtqueueError, GuestMemoryError) as err:
                 self._needs_reset(index, err)
                 return
-        if wanted:
-            self.signal_used_buffer()
-        elif advanced and trace is not None:
-            trace("irq suppressed")
+            # Still under the process lock: a reset (which takes it) cannot slip in between the used ring's
+            # update and its interrupt, and a reset device raises none.
+            if wanted:
+                self.signal_used_buffer()
+            elif advanced and trace is not None:
+                trace("irq suppressed")
 
     def signal_used_buffer(self) -> None:
         with self._lock:
@@ -381,7 +397,9 @@ class VirtioMmioTransport:
         self.irq.trigger()
 
     def _needs_reset(self, index: int, err: Exception) -> None:
-        log.warning("virtio-mmio(%d) queue %d: %s; device needs reset", self.device.device_id, index, err)
+        if self._warn_log.tick():
+            log.warning("virtio-mmio(%d) queue %d: %s; device needs reset (%d guest errors so far)",
+                        self.device.device_id, index, err, self._warn_log.count)
         with self._lock:
             self.status |= STATUS_DEVICE_NEEDS_RESET
             # §2.1.2: "If DEVICE_NEEDS_RESET is set, the device MUST send a device configuration
