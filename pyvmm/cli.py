@@ -86,8 +86,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "device and the VM ends; pyvmm exits 0 if CMD succeeded, else 32 + its status (see "
                         "exit status below; 7 if the guest ended without reporting one).  Needs guest user "
                         "space: a hardware KVM or the KVM lab")
+    p.add_argument("--sandbox", type=_on_off, metavar="on|off",
+                   help="on (default): before the guest runs, pyvmm confines itself with a seccomp filter "
+                        "that refuses what a running VMM never needs (starting programs, fork, ptrace, mount, "
+                        "module and kexec loading, bpf, new sockets...); a refused call fails with EPERM and "
+                        "the exit reason says so.  off: no filter")
     p.add_argument("-v", "--verbose", action="count", help="more VMM messages on stderr (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
+
+
+def _on_off(text: str) -> bool:
+    if text in ("on", "off"):
+        return text == "on"
+    raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
 
 
 def _parser() -> argparse.ArgumentParser:

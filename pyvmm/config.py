@@ -191,6 +191,8 @@ class VmConfig:
     stats: bool = False
     # --exec: the command the guest's /init runs, its status reported back (pyvmm.guestexec)
     exec_cmd: str | None = None
+    # --sandbox: `pyvmm run` confines itself with seccomp before the first KVM_RUN (pyvmm.sandbox)
+    sandbox: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -90,6 +90,7 @@ class RunSettings:
     devices_via: str = "both"
     stats: bool = False
     exec: str | None = None
+    sandbox: bool = True
 
     def __post_init__(self) -> None:
         for key, check in CHECKS.items():
@@ -104,6 +105,7 @@ class RunSettings:
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
             timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
             trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats, exec_cmd=self.exec,
+            sandbox=self.sandbox,
         )
 
     def to_toml(self, *, header: str = "") -> str:
@@ -133,6 +135,7 @@ class RunSettings:
         put("quiet", self.quiet)
         put("stats", self.stats)
         put("exec", self.exec, " (the guest's init runs as it likes)")
+        put("sandbox", self.sandbox)
         for disk in self.disks:
             out += ["", "[[disk]]"]
             put("path", _abs(disk.path))
@@ -185,6 +188,7 @@ FILE_KEYS = {
     "disk": "disks", "console": "console", "boot": "boot", "workarounds": "workarounds",
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
     "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats", "exec": "exec",
+    "sandbox": "sandbox",
 }
 DISK_KEYS = ("path", "readonly", "serial", "cache", "discard", "snapshot")
 
@@ -256,7 +260,7 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         _need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
               and value > 0, where, "a positive number of seconds", value)
         return float(cast(float, value))
-    if key in ("panic-exit", "quiet", "stats"):
+    if key in ("panic-exit", "quiet", "stats", "sandbox"):
         _need(isinstance(value, bool), where, "true or false", value)
         return value
     if key == "trace":

@@ -7,16 +7,21 @@ from outside (timeout, signal) also where each vCPU was (:mod:`pyvmm.stopreport`
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
 
+from pyvmm import sandbox
 from pyvmm.builder import build_vm
 from pyvmm.config import CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleInput
+from pyvmm.errors import ConfigError
 from pyvmm.status import ExitStatus
 from pyvmm.stopreport import report_lines
 from pyvmm.vmm import Vmm, VmResult, print_err
+
+log = logging.getLogger(__name__)
 
 INPUT_RETRY_S = 0.02
 
@@ -65,6 +70,22 @@ def run_vm(config: VmConfig, *, quiet: bool = False) -> int:
         print_err(f"VM built in {time.monotonic() - t0:.2f} s; console: {config.console}"
                   + (" (Ctrl-A x quits)" if config.console == CONSOLE_STDIO and sys.stdin.isatty() else ""))
     console_in = _attach_stdin(vmm) if config.console == CONSOLE_STDIO else None
+    sandbox_note = "seccomp sandbox: off (--sandbox off)"
+    if config.sandbox:
+        # Everything the VM needs is open and mapped: from here on the process cannot start programs,
+        # fork, trace, mount or open sockets (pyvmm.sandbox).
+        try:
+            refused = sandbox.install()
+        except sandbox.SandboxError as err:
+            if console_in is not None:
+                console_in.restore()
+            vmm.abandon()
+            raise ConfigError(f"cannot install the seccomp sandbox: {err.strerror}; --sandbox off runs "
+                              "without it") from None
+        vmm.sandboxed = True
+        sandbox_note = f"seccomp sandbox: on ({refused} kinds of system call refused)"
+    if not quiet:
+        log.info("%s", sandbox_note)
     try:
         result = vmm.run()
     finally:
@@ -75,6 +96,8 @@ def run_vm(config: VmConfig, *, quiet: bool = False) -> int:
         result.reason = (f"{result.reason}, without reporting the --exec command's status (does the guest's "
                          "init honour pyvmm.exec=? images/init.sh does)")
     report_result(result, quiet=quiet)
+    if result.stats is not None:
+        print_err(sandbox_note)
     return result.exit_code
 
 

@@ -151,6 +151,7 @@ class Vmm:
         # A panic the guest reported other than on its console (pvpanic): like the console's panic line,
         # it decides the result whatever the guest does next.
         self.panic_report: str | None = None
+        self.sandboxed = False  # pyvmm.sandbox's filter is installed: a PermissionError may be its doing
         self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------
@@ -179,6 +180,10 @@ class Vmm:
             vcpu.kick()
         self._signal_vcpus()
         self.loop.stop()
+
+    def abandon(self) -> None:
+        """Release everything without running (the VM was built but will not start)."""
+        self._cleanup.close()
 
     def note_panic(self, report: str) -> None:
         """Record a panic the guest reported through a device (thread-safe; the first report is kept)."""
@@ -237,7 +242,7 @@ class Vmm:
             try:
                 self.loop.run()
             except BaseException as err:  # a bug in a loop handler must still stop the vCPUs
-                self.request_stop(ExitStatus.VMM_ERROR, f"event loop failed: {err!r}")
+                self.request_stop(ExitStatus.VMM_ERROR, f"event loop failed: {err!r}{self._sandbox_hint(err)}")
                 raise
             finally:
                 self._stop_threads()
@@ -372,7 +377,13 @@ class Vmm:
             self._vcpu_loop(vcpu)
         except BaseException as err:
             log.debug("vCPU %d failed", vcpu.index, exc_info=True)
-            self.request_stop(ExitStatus.VMM_ERROR, f"vCPU {vcpu.index}: {type(err).__name__}: {err}")
+            self.request_stop(ExitStatus.VMM_ERROR, f"vCPU {vcpu.index}: {type(err).__name__}: {err}"
+                                                    f"{self._sandbox_hint(err)}")
+
+    def _sandbox_hint(self, err: BaseException) -> str:
+        if self.sandboxed and isinstance(err, PermissionError):
+            return " (refused by pyvmm's seccomp sandbox: pyvmm tried a system call a running VMM never needs)"
+        return ""
 
     # Two variants of the same loop, chosen once in __init__ (self._vcpu_loop): _plain_loop, and
     # _counting_loop for --stats.  They handle PIO and MMIO exits identically (tests/unit/test_vcpu_loop.py

@@ -237,6 +237,8 @@ def _as_argv(opts: dict[str, object]) -> list[str]:
             argv += [f"--{key}"] if value else []
         elif key == "panic-exit":
             argv.append("--panic-exit" if value else "--no-panic-exit")
+        elif key == "sandbox":
+            argv.append(f"--sandbox={'on' if value else 'off'}")
         elif key == "verbose":
             argv += ["-v"] * cast(int, value)
         elif key in ("trace", "disk"):
@@ -305,6 +307,7 @@ OPTIONS = st.fixed_dictionaries({}, optional={
     "quiet": st.booleans(),
     "stats": st.booleans(),
     "exec": st.one_of(_TEXT, st.just('echo "hi" && exit 3')),
+    "sandbox": st.booleans(),
     "disk": st.lists(_DISK, max_size=3),
 })
 
