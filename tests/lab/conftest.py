@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,17 +209,17 @@ def _text(data: str | bytes | None) -> str:
 
 @pytest.fixture
 def pyvmm_run(tmp_path: Path) -> Callable[..., Guest]:
-    """``pyvmm_run(*pyvmm_run_args, timeout=SECONDS) -> Guest``: ``pyvmm run`` with the console captured to
+    """``pyvmm_run(*pyvmm_run_args, timeout=SECONDS[, command=ARGV]) -> Guest``: ``pyvmm run`` (``ARGV run``,
+    by default ``python -m pyvmm run``) with the console captured to
     a file.  ``timeout`` (required: ``vm_timeout`` of what the VM does) is the VM's own --timeout; the VM is
     killed VM_GRACE_S later if it has not stopped by then."""
 
-    def run(*args: str, timeout: float) -> Guest:
+    def run(*args: str, timeout: float, command: Sequence[str] = (sys.executable, "-m", "pyvmm")) -> Guest:
         console = tmp_path / "console.log"
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "pyvmm", "run", "--console", f"file:{console}", "--timeout", f"{timeout:g}",
-                 *args],
+                [*command, "run", "--console", f"file:{console}", "--timeout", f"{timeout:g}", *args],
                 capture_output=True, text=True, timeout=timeout + VM_GRACE_S, stdin=subprocess.DEVNULL,
                 check=False,
             )
