@@ -17,11 +17,13 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from pyvmm.devices.virtio import barrier
 from pyvmm.lab import LabOptions, run, unavailable_reason
 from pyvmm.lab.runner import ARM64_GIC_ENV
 from tests.lab.conftest import LAB_TIER_SUMMARY, bound_for, vm_timeout
@@ -99,7 +101,12 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
     # then the reset through PSCI SYSTEM_RESET.
     panic_run = [*common, "--timeout", f"{PANIC_RUN_TIMEOUT_S:g}", "--memory", "128M", "--no-panic-exit",
                  "--console", f"file:{console3}", "--cmdline", "console=ttyS0 root=/dev/vdz panic=-1"]
-    script = (f"{shlex.join(disk_run)}; echo \"ARM64-RUN1: $?\"; "
+    # The virtqueue's barriers on an arm64 host: dmb machine code, called (barrier.py).
+    barrier_check = ["python3", "-c", "from pyvmm.devices.virtio import barrier as b\n"
+                     "for f in (b.rmb, b.wmb, b.mb) * 10000: f()\n"
+                     "print('ARM64-BARRIER:', b.KIND, b.code_bytes().hex())"]
+    script = (f"{shlex.join(barrier_check)}; "
+              f"{shlex.join(disk_run)}; echo \"ARM64-RUN1: $?\"; "
               f"{shlex.join(initrd_run)}; echo \"ARM64-RUN2: $?\"; "
               f"{shlex.join(panic_run)}; echo \"ARM64-RUN3: $?\"")
     output = bytearray()
@@ -116,6 +123,8 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
                f"\n--- lab console ---\n{result.boot_log[-3000:]}")
     assert result.status == 0, explain
     gic = os.environ.get(ARM64_GIC_ENV) or "3"
+    words = [barrier.DMB_ISHLD, barrier.RET, barrier.DMB_ISHST, barrier.RET, barrier.DMB_ISH, barrier.RET]
+    assert f"ARM64-BARRIER: dmb {struct.pack('<6I', *words).hex()}" in out, explain
     assert "ARM64-RUN1: 37" in out and "guest exited with status 5 (guest exit device)" in out, explain
     assert "ARM64-PVPANIC: 1" in text and "PYVMM-EXEC: end 5" in text, explain  # the driver bound
     assert "ARM64-RUN2: 0" in out and "guest powered off" in out, explain

@@ -24,9 +24,9 @@ negotiated, ``used_event`` / ``avail_event`` (§2.7.10) when it is.
 from __future__ import annotations
 
 import struct
-import threading
 from typing import NamedTuple
 
+from pyvmm.devices.virtio.barrier import mb, rmb, wmb
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
 
@@ -97,20 +97,6 @@ class DescriptorChain:
         )
 
 
-# A full barrier between our stores to the used ring and our load of the driver's fields (§2.7.13.3 and
-# §2.7.10 require store/load ordering around avail_event).  Python cannot emit a fence instruction;
-# taking and releasing a lock executes an atomic read-modify-write, which on x86-64 (a `lock`-prefixed
-# instruction) is a full fence.  Store/store order (used elem before used idx) holds on x86-64 (TSO).
-# On aarch64 a lock's acquire/release pair is weaker than a `dmb ish` full barrier: a store before it can
-# still become visible after a load that follows it, so there this is a best effort.
-_fence_lock = threading.Lock()
-
-
-def _fence() -> None:
-    with _fence_lock:
-        pass
-
-
 def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """§2.7.10: notify if ``event_idx`` lies in ``[old_idx, new_idx)`` modulo 2^16 (vring_need_event)."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
@@ -177,9 +163,10 @@ class Virtqueue:
             if pending > self.size:
                 # The driver claims more buffers than the ring holds (QEMU: "Guest moved avail index").
                 raise VirtqueueError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail_idx}")
+            # The ring entry and the descriptors are read after the idx that published them (pairs with the
+            # driver's write barrier before its avail.idx store; barrier.py).
+            rmb()
             slot = self.last_avail_idx % self.size
-            # The load of ring[slot] depends on the idx load above; no reordering concern on a
-            # single thread reading another's stores in dependency order (x86-64 and aarch64).
             at = self.avail_addr + 4 + 2 * slot
             if lo <= at and at + 2 <= hi:
                 head = U16.unpack_from(ram0.buf, at - lo)[0]
@@ -268,10 +255,12 @@ class Virtqueue:
             if lo <= idx and elem + 8 <= lo + ram0.size:  # fast path, see _read_chain (idx < elem)
                 USED_ELEM.pack_into(ram0.buf, elem - lo, head, written_len & _U32_MAX)
                 self.used_idx = (self.used_idx + 1) & 0xFFFF
+                wmb()  # the element before the idx that publishes it (pairs with the driver's read barrier)
                 U16.pack_into(ram0.buf, idx - lo, self.used_idx)
             else:
                 mem.pack_into(USED_ELEM, elem, head, written_len & _U32_MAX)
                 self.used_idx = (self.used_idx + 1) & 0xFFFF
+                wmb()
                 mem.pack_into(U16, idx, self.used_idx)
         except GuestMemoryError as err:
             raise VirtqueueError(f"used ring outside guest RAM: {err}") from err
@@ -280,14 +269,14 @@ class Virtqueue:
         """Ask the driver to notify us for the next buffer; True if buffers arrived meanwhile.
 
         With EVENT_IDX the device publishes ``avail_event`` = the next slot it will read (§2.7.10),
-        then re-reads avail idx after a fence: a buffer the driver published before it saw our store
+        then re-reads avail idx after a full barrier: a buffer the driver published before it saw our store
         would otherwise sit in the ring with no notification coming.  Without EVENT_IDX the device
         never sets VIRTQ_USED_F_NO_NOTIFY, so there is nothing to re-enable.
         """
         try:
             if self.event_idx:
                 mem.pack_into(U16, self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
-                _fence()
+                mb()  # our avail_event store before the avail.idx load (pairs with the driver's full barrier)
             return self.has_available(mem)
         except GuestMemoryError as err:
             raise VirtqueueError(f"ring access outside guest RAM: {err}") from err
@@ -298,7 +287,7 @@ class Virtqueue:
         self._signalled_used = new
         if old == new:
             return False
-        _fence()  # our used idx store before the driver's suppression field load
+        mb()  # our used idx store before the driver's suppression field load (pairs with its full barrier)
         try:
             if self.event_idx:
                 used_event = int(mem.unpack_from(U16, self.avail_addr + 4 + 2 * self.size)[0])
