@@ -19,7 +19,7 @@ RUN_ARGS ?= --kernel $(KERNEL) --disk path=$(ROOTFS),snapshot=on --memory $(MEMO
 # The jobs with a deps-JOB target: the Debian packages of that job only (scripts/deps.sh JOB).
 DEPS_JOBS := run images lab arm64 bench
 
-.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab stress-lab firmware docs deps venv clean help \
+.PHONY: all run test check images lab-images arm64-images debian-images bench bench-lab stress-lab soak firmware docs deps venv clean help \
         $(DEPS_JOBS:%=deps-%)
 
 help:
@@ -36,6 +36,7 @@ help:
 	@echo "make stress-lab  boot the default guest STRESS_N times in a row (default 50; in one lab run if needed):"
 	@echo "                 how many reached /init, each boot's time, pyvmm's stderr for every stall"
 	@echo "                 (STRESS_ARGS=\"--root-disk --timeout 240\" for more options)"
+	@echo "make soak      200 VMs in one process, then a guest busy with disk I/O for SOAK_MINUTES (10): RSS, fds"
 
 # Debian packages (scripts/apt-deps.txt).  `make deps` installs every job's: make test and CI use it.  The
 # other targets ask only for their own job's (deps-JOB: scripts/deps.sh JOB), so that `make run` gets the
@@ -108,6 +109,12 @@ STRESS_N ?= 50
 STRESS_ARGS ?=
 stress-lab: deps-bench venv images lab-images
 	$(PY) bench/stress_lab.py -n $(STRESS_N) $(STRESS_ARGS)
+
+# Soak: 200 VMs in one process, then a guest doing mixed disk I/O for SOAK_MINUTES (default 10) with pyvmm's
+# RSS and fds sampled; flat or not (bench/soak.py).  One-minute versions run in `make test`.
+SOAK_MINUTES ?= 10
+soak: deps-bench venv images lab-images firmware
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 check: venv
 	$(VENV)/bin/ruff check pyvmm tests images bench
