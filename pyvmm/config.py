@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.errors import ConfigError
@@ -193,7 +193,6 @@ class VmConfig:
     exec_cmd: str | None = None
     # --sandbox: `pyvmm run` confines itself with seccomp before the first KVM_RUN (pyvmm.sandbox)
     sandbox: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_memory(self.memory)

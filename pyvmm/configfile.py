@@ -190,7 +190,6 @@ FILE_KEYS = {
     "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats", "exec": "exec",
     "sandbox": "sandbox",
 }
-DISK_KEYS = ("path", "readonly", "serial", "cache", "discard", "snapshot")
 
 
 def load_file(path: Path) -> dict[str, Any]:

@@ -70,10 +70,6 @@ class GuestMemory:
         """One region: handy for tests and fake guests."""
         return cls([(gpa, size)])
 
-    @property
-    def total_size(self) -> int:
-        return sum(r.size for r in self.regions)
-
     def close(self) -> None:
         for v in self._views:
             v.release()
@@ -148,10 +144,6 @@ class GuestMemory:
     def write_u16(self, gpa: int, value: int) -> None:
         view, off = self._locate(gpa, 2)
         _U16.pack_into(view, off, value & 0xFFFF)
-
-    def write_u32(self, gpa: int, value: int) -> None:
-        view, off = self._locate(gpa, 4)
-        _U32.pack_into(view, off, value & 0xFFFFFFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
         view, off = self._locate(gpa, 8)

@@ -40,9 +40,6 @@ class VmFd:
     def create_irqchip(self) -> None:
         self._call("KVM_CREATE_IRQCHIP", abi.KVM_CREATE_IRQCHIP)
 
-    def irq_line(self, irq: int, level: int) -> None:
-        self._call(f"KVM_IRQ_LINE irq={irq}", abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq=irq, level=level))
-
     def irqfd(self, eventfd: int, gsi: int, *, deassign: bool = False) -> None:
         arg = abi.kvm_irqfd(fd=eventfd, gsi=gsi, flags=abi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0)
         self._call(f"KVM_IRQFD gsi={gsi}", abi.KVM_IRQFD, arg)
@@ -74,12 +71,6 @@ class VmFd:
         zone = abi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
         self._call(f"KVM_REGISTER_COALESCED_MMIO {'pio' if pio else 'mmio'} addr={addr:#x} size={size}",
                    abi.KVM_REGISTER_COALESCED_MMIO, zone)
-
-    def enable_cap(self, cap: int, *args: int) -> None:
-        arg = abi.kvm_enable_cap(cap=cap)
-        for i, a in enumerate(args):
-            arg.args[i] = a
-        self._call(f"KVM_ENABLE_CAP cap={cap}", abi.KVM_ENABLE_CAP, arg)
 
     def create_vcpu(self, index: int) -> int:
         return self._call(f"KVM_CREATE_VCPU {index}", abi.KVM_CREATE_VCPU, index)

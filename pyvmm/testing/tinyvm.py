@@ -234,9 +234,3 @@ class TinyVm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def run_binary(binary: Path | bytes, *, timeout: float = DEFAULT_TIMEOUT) -> TinyResult:
-    """Run a guest that needs no devices of its own."""
-    with TinyVm(binary, timeout=timeout) as vm:
-        return vm.run()

@@ -66,7 +66,6 @@ REG_QUEUE_RESET = 0x0C0  # RW only with VIRTIO_F_RING_RESET (not offered): reads
 REG_CONFIG_GENERATION = 0x0FC  # R
 REG_CONFIG = 0x100  # device-specific configuration space starts here
 
-MMIO_WINDOW_SIZE = 0x200  # the MMIO window each device gets (registers + config space)
 
 MAGIC_VALUE = 0x74726976
 MMIO_VERSION = 2

@@ -47,7 +47,6 @@ MAX_INDIRECT_ENTRIES = 1024
 # §2.7.5 struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }  (16 bytes, 16-aligned)
 DESC = struct.Struct("<QIHH")
 # §2.7.6 struct virtq_avail { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }  (2-aligned)
-AVAIL_HEADER = struct.Struct("<HH")  # flags, idx
 U16 = struct.Struct("<H")  # avail ring[i], used_event; used idx, avail_event
 # §2.7.8 struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size]; le16 avail_event; }
 # struct virtq_used_elem { le32 id; le32 len; }  (the ring is 4-aligned)
