@@ -1,83 +1,27 @@
-"""``build_vm(config) -> Vmm``: the one flat, ordered script that puts a VM together.
+"""``build_vm(config) -> Vmm``: the VM for this host's architecture, built by that architecture's builder.
 
-This is the only module that sees every layer.  Order matters and is commented where it does.
-Resources go into one ExitStack so a failure half-way releases what was made, in reverse order.
+Each architecture has one module with the same entry point, ``build(config, stack, report, console_fd)``
+(pyvmm/builder_x86_64.py, pyvmm/builder_aarch64.py), a flat ordered script over the shared parts in
+pyvmm/buildparts.py; this module picks one from :data:`BUILDERS` and never branches on the architecture
+itself.  Resources go into one ExitStack so a failure half-way releases what was made, in reverse order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import importlib
 import os
-import sys
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
-from pyvmm.arch.x86_64.acpi import tables as acpi_tables
-from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
-from pyvmm.arch.x86_64.cpu import get_supported_cpuid
-from pyvmm.bus import Bus
-from pyvmm.coalescing import coalesce_port_writes
-from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
-from pyvmm.console import ConsoleOutput
-from pyvmm.devices.acpi_sleep import AcpiSleep
-from pyvmm.devices.boottimer import BOOT_TIMER_SIZE, BootTimer
-from pyvmm.devices.guestexit import GUEST_EXIT_SIZE, GuestExit
-from pyvmm.devices.i8042 import I8042
-from pyvmm.devices.pvpanic import PVPANIC_PANICKED, PVPANIC_PORT_SIZE, PvPanic, describe
-from pyvmm.devices.rtc import CmosRtc
-from pyvmm.devices.serial import Serial16550
-from pyvmm.devices.virtio.block import VirtioBlock
-from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
+from pyvmm.buildparts import BuildReport
+from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
-from pyvmm.eventloop import EventLoop
-from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
-from pyvmm.interrupt import EventFd, EventFdIrq
-from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
-from pyvmm.kvm.system import Kvm
-from pyvmm.kvm.vcpu import VcpuFd
-from pyvmm.kvm.vm import VmFd
-from pyvmm.loader import load_kernel
-from pyvmm.loader.cmdline import Cmdline
-from pyvmm.loader.initrd import load_initrd
 from pyvmm.loader.symbols import KernelSymbols
-from pyvmm.memory import GuestMemory
-from pyvmm.status import ExitStatus
-from pyvmm.trace import EVENT_CLASSES, Tracer
 from pyvmm.vmm import Vmm
 
-log = logging.getLogger(__name__)
-
-# Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
-# reboot through the keyboard controller (the VMM sees it), no PCI bus to probe.
-PANIC_GRACE_S = 1.0
-DEFAULT_ARGS = (("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"))
-
-
-@dataclass
-class BuildReport:
-    """What the builder decided, for the user and for tests."""
-
-    kernel_format: str = ""
-    cmdline: str = ""
-    host: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
-def _console_fd(config: VmConfig, stack: contextlib.ExitStack) -> int | None:
-    if config.console == CONSOLE_NONE:
-        return None
-    if config.console == CONSOLE_STDIO:
-        return sys.stdout.fileno()
-    path = config.console.removeprefix("file:")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise ConfigError(f"cannot open console file {path}: {err.strerror}") from err
-    stack.callback(os.close, fd)
-    return fd
+# The host's architecture (KVM runs guests of its own kind) -> the module with its ``build``; imported
+# only when used, so a host loads one architecture's code.
+BUILDERS = {"x86_64": "pyvmm.builder_x86_64", "aarch64": "pyvmm.builder_aarch64"}
 
 
 def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, BuildReport]:
@@ -104,249 +48,7 @@ def host_arch() -> str:
 
 def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
     arch = host_arch()
-    if arch == "aarch64":
-        from pyvmm.builder_aarch64 import build as build_aarch64  # imported here: it imports this module
-
-        return build_aarch64(config, stack, report, console_fd)
-    if arch != "x86_64":
-        raise ConfigError(f"pyvmm builds x86_64 and aarch64 machines; this host is {arch}")
-    return _build_x86_64(config, stack, report, console_fd)
-
-
-def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
-              check_caps: Callable[[VmFd], None]) -> tuple[GuestMemory, Kvm, VmFd]:
-    """Guest RAM, the KVM system fd and a VM with the RAM mapped as memory slots 0, 1, ...  RAM comes
-    first, so it is released last (after the VM that maps it)."""
-    mem = GuestMemory(ram)
-    stack.callback(mem.close)
-    kvm = Kvm()
-    stack.callback(kvm.close)
-    vm = VmFd(kvm.create_vm())
-    stack.callback(vm.close)
-    check_caps(vm)
-    for slot, region in enumerate(mem.regions):
-        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
-    return mem, kvm, vm
-
-
-def make_stopper(vmm_ref: list[Vmm]) -> Callable[[ExitStatus, str], None]:
-    def stop(status: ExitStatus, reason: str) -> None:
-        if vmm_ref:
-            vmm_ref[0].request_stop(status, reason)
-
-    return stop
-
-
-def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int | None,
-                 stop: Callable[[ExitStatus, str], None]) -> ConsoleOutput:
-    """The guest console sink; with ``exit_on_panic`` a kernel panic line stops the VM shortly after."""
-    fd = _console_fd(config, stack) if console_fd == -1 else console_fd
-
-    def on_panic(line: str) -> None:
-        # Let the rest of the panic report reach the console, then stop.
-        t = threading.Timer(PANIC_GRACE_S, stop, (ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
-        t.daemon = True
-        t.start()
-
-    return ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
-
-
-def add_exec_arg(cmdline: Cmdline, cmd: str | None) -> None:
-    """``--exec``: the kernel argument the guest's /init runs (pyvmm.guestexec), given once."""
-    if cmd is None:
-        return
-    if cmdline.has(EXEC_KEY) or cmdline.has(EXEC64_KEY):
-        raise ConfigError(f"--exec and {EXEC_KEY}= in the command line: give the command once")
-    cmdline.add(*exec_arg(cmd))
-
-
-def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
-                       stop: Callable[[ExitStatus, str], None]) -> tuple[PvPanic, GuestExit]:
-    """The two devices through which the guest itself says how it ended, wired to the VM: pvpanic (a
-    panic counts whatever follows; with ``exit_on_panic`` the VM stops after the grace period that lets
-    the panic report reach the console; with ``--no-panic-exit`` only a log line, as the console's panic
-    watcher is off then too) and the guest exit device (the VM ends with the guest's status)."""
-
-    def on_pvpanic(events: int) -> None:
-        if not config.exit_on_panic:  # like the console's panic watcher, which is off then too
-            log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running",
-                        describe(events))
-            return
-        if vmm_ref:
-            vmm_ref[0].note_panic(f"reported by pvpanic ({describe(events)})")
-        if events & PVPANIC_PANICKED:
-            # A crash kernel that was loaded (CRASH_LOADED alone) is left to do its work.
-            def stop_after_grace() -> None:
-                line = vmm_ref[0].console.panic_line if vmm_ref else None
-                stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
-                                             "(reported by pvpanic)")
-
-            t = threading.Timer(PANIC_GRACE_S, stop_after_grace)
-            t.daemon = True
-            t.start()
-
-    def on_exit(status: int) -> None:
-        if vmm_ref:
-            vmm_ref[0].guest_exit(status)
-
-    return PvPanic(on_pvpanic), GuestExit(on_exit)
-
-
-def _build_x86_64(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
-                  console_fd: int | None) -> Vmm:
-    host = hostkvm.resolve(config.workarounds)
-    report.host = host.reason
-
-    ram = layout.ram_layout(config.memory)  # [(gpa, size)] around the device hole
-    mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
-    report.notes += machine.setup_platform(vm)  # irqchip before any irqfd or vCPU
-
-    # The kernel, its initrd and the boot parameters.
-    kernel = load_kernel(mem, config.kernel, boot=config.boot)  # type: ignore[arg-type]
-    report.kernel_format = kernel.format
-    initrd = load_initrd(mem, config.initrd, kernel, ram) if config.initrd else None
-    cmdline = Cmdline(min(layout.CMDLINE_MAX - 1, kernel.cmdline_size))
-    cmdline.extend(config.cmdline)
-    add_exec_arg(cmdline, config.exec_cmd)
-    for key, value in DEFAULT_ARGS:
-        cmdline.add(key, value, if_absent=True)
-    for arg in host.workaround_args:
-        key, _, value = arg.partition("=")
-        cmdline.add(key, value or None, if_absent=True)
-
-    # Devices.  The event loop exists first: devices hand it their eventfds.
-    loop = EventLoop()
-    stack.callback(loop.close)
-    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
-    mmio = Bus("mmio")
-    vmm_ref: list[Vmm] = []
-    stop = make_stopper(vmm_ref)
-    console = make_console(config, stack, console_fd, stop)
-    serial_irq = irqfd(vm, stack, layout.COM1_IRQ)
-    serial = Serial16550(serial_irq, console)
-    pio.add(layout.COM1_PORT, 8, serial, "com1")
-    pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
-    pio.add(0x70, 2, CmosRtc(), "rtc")
-
-    pio.add(layout.ACPI_SLEEP_CONTROL_PORT, 2, AcpiSleep(lambda: stop(ExitStatus.OK, "guest powered off (ACPI S5)")),
-            "acpi-sleep")
-    boot_timer = BootTimer()
-    mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
-    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
-    pio.add(layout.PVPANIC_PORT, PVPANIC_PORT_SIZE, pvpanic, "pvpanic")
-    mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
-
-    attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
-                 window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None)
-    report.cmdline = str(cmdline)
-    # Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables, always
-    # (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the MADT).
-    # The DSDT lists the virtio-mmio devices unless they are announced on the command line only.
-    virtio = [] if config.devices_via == "cmdline" else [
-        acpi_tables.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq)
-        for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
-    acpi = acpi_tables.write(mem, config.cpus, virtio, pvpanic_port=layout.PVPANIC_PORT)
-    mptable.write(mem, config.cpus)
-    write_boot_params(mem, kernel, report.cmdline.encode(), initrd, build_e820(ram),
-                      acpi_rsdp_addr=acpi.rsdp_addr)
-    machine.write_boot_tables(mem)
-
-    # vCPUs last: they need the memory, the irqchip and the boot state.
-    supported = get_supported_cpuid(kvm.fd)
-    mmap_size = kvm.vcpu_mmap_size()
-    vcpus = []
-    for index in range(config.cpus):
-        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
-        stack.callback(vcpu.close)
-        machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
-        vcpus.append(vcpu)
-
-    # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
-    # per console byte; every exit on the UART's ports replays the ring first (pyvmm/coalescing.py).
-    coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8))
-    if coalesced is not None:
-        report.notes.append(f"serial THR writes coalesced (KVM_CAP_COALESCED_PIO, "
-                            f"{coalesced.ring.capacity}-entry ring)")
-
-    arch = machine.X86ExitHandler(mem, assist=host.software)
-    vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
-              coalesced=coalesced)
-    vmm.serial = serial  # type: ignore[attr-defined]
-    vmm.mem = mem  # type: ignore[attr-defined]
-    vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
-    vmm_ref.append(vmm)
-    return vmm
-
-
-def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
-                 stack: contextlib.ExitStack, report: BuildReport, *, slot: Callable[[int], tuple[int, int]],
-                 window: int, cmdline: Cmdline | None, deferred_irqfds: list[tuple[int, int]] | None = None,
-                 ) -> None:
-    """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window and interrupt from ``slot(index)``
-    (the irqfd GSI: an IOAPIC pin on x86, an SPI number on arm64), an ioeventfd per queue on QueueNotify
-    (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument."""
-    seen: dict[tuple[int, int], str] = {}
-    # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
-    use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and not os.environ.get("PYVMM_NO_IOEVENTFD")
-    if config.disks and not use_ioeventfd:
-        report.notes.append("ioeventfd unavailable: virtqueue notifications are handled as MMIO exits")
-    tracer: Tracer | None = None
-    if config.trace and config.disks:  # off by default: then no hook exists at all (zero cost)
-        tracer = Tracer.open(config.trace, config.trace_file)
-        stack.callback(tracer.close)
-        classes = ", ".join(c for c in EVENT_CLASSES if c in config.trace)
-        report.notes.append(f"virtio trace ({classes}) to {config.trace_file or 'stderr'}")
-    for index, disk_cfg in enumerate(config.disks):
-        # A snapshot disk only reads its image (the guest's writes go to a private overlay), so like a
-        # read-only one it may share the image with other readers.
-        reads_only = disk_cfg.readonly or disk_cfg.snapshot
-        try:
-            st = os.stat(disk_cfg.path)
-            key = (st.st_dev, st.st_ino)
-            if key in seen and not (reads_only and seen[key] == "ro"):
-                raise ConfigError(f"disk {disk_cfg.path} is given twice; a writable disk can be attached once")
-            seen[key] = "ro" if reads_only else "rw"
-        except FileNotFoundError:
-            pass  # the device reports a missing image in its own words
-        try:
-            base, irq = slot(index)
-        except ValueError as err:
-            raise ConfigError(f"too many disks: {err}") from None
-        device = VirtioBlock.from_config(disk_cfg)
-        stack.callback(device.close)
-        name = f"vd{chr(ord('a') + index)}"
-        trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
-        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq, deferred_irqfds), trace=trace)
-        mmio.add(base, window, transport, f"virtio-blk{index}")
-        for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
-            efd = EventFd()
-            stack.callback(efd.close)
-            vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)
-            loop.add(efd.fd, _notifier(efd, transport, q))
-        if cmdline is not None:
-            cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
-        mode = (" (read-only)" if disk_cfg.readonly
-                else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
-        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}")
-
-
-def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:
-    def on_notify() -> None:
-        efd.read()  # reset the counter first: a notification racing with processing is not lost
-        transport.notify(queue, via="ioeventfd")
-
-    return on_notify
-
-
-def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int,
-          deferred: list[tuple[int, int]] | None = None) -> EventFdIrq:
-    """An eventfd wired to ``gsi`` with KVM_IRQFD.  With ``deferred``, the ``(eventfd, gsi)`` pair is
-    appended there instead, for the caller to register later (arm64: KVM refuses irqfds with EAGAIN until
-    the vGIC is initialised, which needs every vCPU first)."""
-    efd = EventFd()
-    stack.callback(efd.close)
-    if deferred is None:
-        vm.irqfd(efd.fd, gsi)
-    else:
-        deferred.append((efd.fd, gsi))
-    return EventFdIrq(efd, gsi)
+    if arch not in BUILDERS:
+        raise ConfigError(f"pyvmm builds {' and '.join(BUILDERS)} machines; this host is {arch}")
+    build: Callable[[VmConfig, contextlib.ExitStack, BuildReport, int | None], Vmm] = importlib.import_module(BUILDERS[arch]).build
+    return build(config, stack, report, console_fd)

@@ -1,5 +1,6 @@
-"""The aarch64 counterpart of :func:`pyvmm.builder._build_x86_64`: the same flat, ordered script for an
-arm64 host's KVM.
+"""The aarch64 machine (the counterpart of pyvmm/builder_x86_64.py; both are a ``build(config, stack,
+report, console_fd) -> Vmm``, chosen by pyvmm/builder.py): the same flat, ordered script for an arm64
+host's KVM.
 
 What is shared with x86 is shared by import, unchanged: guest RAM, the console, the 16550 model (here on
 MMIO instead of port I/O), the virtio-mmio transport and virtio-blk with their ioeventfds and irqfds, the
@@ -16,7 +17,7 @@ import os
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
 from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
-from pyvmm.builder import (
+from pyvmm.buildparts import (
     BuildReport,
     add_exec_arg,
     attach_disks,

@@ -36,3 +36,57 @@ def test_kvm_layer_imports_nothing_above_it() -> None:
 def test_cli_holds_no_vm_logic() -> None:
     mods = _imports(ROOT / "cli.py")
     assert not any(m.startswith(("pyvmm.kvm", "pyvmm.arch", "pyvmm.devices")) for m in mods)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """pyvmm module -> the pyvmm modules it imports (anywhere in the file, TYPE_CHECKING and function-level
+    imports too), each resolved to the most specific module that exists."""
+    mods: dict[str, Path] = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" for a in node.names]  # a submodule, or a name in the module
+            for name in names:
+                target = resolve(name) if name.startswith("pyvmm") else None
+                # a package's own submodules importing the package (its __init__) is no cycle of concern
+                if target and target != mod and not mod.startswith(target + "."):
+                    graph[mod].add(target)
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _module_graph()
+    assert "pyvmm.builder" in graph and "pyvmm.vmm" in graph["pyvmm.runner"]  # the graph is real
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(mod: str) -> None:
+        state[mod] = 1
+        path.append(mod)
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)

@@ -30,7 +30,7 @@ from pyvmm.errors import LoaderError
 from pyvmm.kvm.abi import checked
 
 if TYPE_CHECKING:  # only for annotations: the loader imports this module for setup_header
-    from pyvmm.loader import LoadedKernel
+    from pyvmm.loader.kernel import LoadedKernel
     from pyvmm.memory import GuestMemory
 
 # --- constants (asm/bootparam.h, asm/e820.h) ---------------------------------------------------------

@@ -1,0 +1,133 @@
+"""The x86_64 machine, built in one flat, ordered script (the counterpart of pyvmm/builder_aarch64.py;
+both are a ``build(config, stack, report, console_fd) -> Vmm``, chosen by pyvmm/builder.py).
+
+Order matters and is commented where it does.  Resources go into the caller's ExitStack, so a failure
+half-way releases what was made, in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
+from pyvmm.arch.x86_64.acpi import tables as acpi_tables
+from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
+from pyvmm.arch.x86_64.cpu import get_supported_cpuid
+from pyvmm.buildparts import (
+    BuildReport,
+    add_exec_arg,
+    attach_disks,
+    create_vm,
+    irqfd,
+    make_console,
+    make_guest_reports,
+    make_stopper,
+)
+from pyvmm.bus import Bus
+from pyvmm.coalescing import coalesce_port_writes
+from pyvmm.config import VmConfig
+from pyvmm.devices.acpi_sleep import AcpiSleep
+from pyvmm.devices.boottimer import BOOT_TIMER_SIZE, BootTimer
+from pyvmm.devices.guestexit import GUEST_EXIT_SIZE
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.pvpanic import PVPANIC_PORT_SIZE
+from pyvmm.devices.rtc import CmosRtc
+from pyvmm.devices.serial import Serial16550
+from pyvmm.eventloop import EventLoop
+from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.loader import load_kernel
+from pyvmm.loader.cmdline import Cmdline
+from pyvmm.loader.initrd import load_initrd
+from pyvmm.status import ExitStatus
+from pyvmm.vmm import Vmm
+
+# Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
+# reboot through the keyboard controller (the VMM sees it), no PCI bus to probe.
+DEFAULT_ARGS = (("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"))
+
+
+def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
+                  console_fd: int | None) -> Vmm:
+    host = hostkvm.resolve(config.workarounds)
+    report.host = host.reason
+
+    ram = layout.ram_layout(config.memory)  # [(gpa, size)] around the device hole
+    mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
+    report.notes += machine.setup_platform(vm)  # irqchip before any irqfd or vCPU
+
+    # The kernel, its initrd and the boot parameters.
+    kernel = load_kernel(mem, config.kernel, boot=config.boot)  # type: ignore[arg-type]
+    report.kernel_format = kernel.format
+    initrd = load_initrd(mem, config.initrd, kernel, ram) if config.initrd else None
+    cmdline = Cmdline(min(layout.CMDLINE_MAX - 1, kernel.cmdline_size))
+    cmdline.extend(config.cmdline)
+    add_exec_arg(cmdline, config.exec_cmd)
+    for key, value in DEFAULT_ARGS:
+        cmdline.add(key, value, if_absent=True)
+    for arg in host.workaround_args:
+        key, _, value = arg.partition("=")
+        cmdline.add(key, value or None, if_absent=True)
+
+    # Devices.  The event loop exists first: devices hand it their eventfds.
+    loop = EventLoop()
+    stack.callback(loop.close)
+    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
+    mmio = Bus("mmio")
+    vmm_ref: list[Vmm] = []
+    stop = make_stopper(vmm_ref)
+    console = make_console(config, stack, console_fd, stop)
+    serial_irq = irqfd(vm, stack, layout.COM1_IRQ)
+    serial = Serial16550(serial_irq, console)
+    pio.add(layout.COM1_PORT, 8, serial, "com1")
+    pio.add(layout.I8042_DATA_PORT, 5, I8042(lambda: stop(ExitStatus.OK, "guest reset (i8042)")), "i8042")
+    pio.add(0x70, 2, CmosRtc(), "rtc")
+
+    pio.add(layout.ACPI_SLEEP_CONTROL_PORT, 2, AcpiSleep(lambda: stop(ExitStatus.OK, "guest powered off (ACPI S5)")),
+            "acpi-sleep")
+    boot_timer = BootTimer()
+    mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
+    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
+    pio.add(layout.PVPANIC_PORT, PVPANIC_PORT_SIZE, pvpanic, "pvpanic")
+    mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
+
+    attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
+                 window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None)
+    report.cmdline = str(cmdline)
+    # Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables, always
+    # (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the MADT).
+    # The DSDT lists the virtio-mmio devices unless they are announced on the command line only.
+    virtio = [] if config.devices_via == "cmdline" else [
+        acpi_tables.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq)
+        for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
+    acpi = acpi_tables.write(mem, config.cpus, virtio, pvpanic_port=layout.PVPANIC_PORT)
+    mptable.write(mem, config.cpus)
+    write_boot_params(mem, kernel, report.cmdline.encode(), initrd, build_e820(ram),
+                      acpi_rsdp_addr=acpi.rsdp_addr)
+    machine.write_boot_tables(mem)
+
+    # vCPUs last: they need the memory, the irqchip and the boot state.
+    supported = get_supported_cpuid(kvm.fd)
+    mmap_size = kvm.vcpu_mmap_size()
+    vcpus = []
+    for index in range(config.cpus):
+        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
+        stack.callback(vcpu.close)
+        machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
+        vcpus.append(vcpu)
+
+    # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
+    # per console byte; every exit on the UART's ports replays the ring first (pyvmm/coalescing.py).
+    coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8))
+    if coalesced is not None:
+        report.notes.append(f"serial THR writes coalesced (KVM_CAP_COALESCED_PIO, "
+                            f"{coalesced.ring.capacity}-entry ring)")
+
+    arch = machine.X86ExitHandler(mem, assist=host.software)
+    vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
+              coalesced=coalesced)
+    vmm.serial = serial  # type: ignore[attr-defined]
+    vmm.mem = mem  # type: ignore[attr-defined]
+    vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
+    vmm_ref.append(vmm)
+    return vmm
+
