@@ -106,7 +106,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         vm.irqfd(fd, spi)
 
     vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout,
-              stats=config.stats)
+              stats=config.stats, profile=config.debug)
     vmm.serial = serial  # type: ignore[attr-defined]
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm_ref.append(vmm)

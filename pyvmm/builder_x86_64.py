@@ -117,14 +117,15 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
 
     # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
     # per console byte; every exit on the UART's ports replays the ring first (pyvmm/coalescing.py).
-    coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8))
+    coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8),
+                                     enabled=config.debug.coalesced_pio)
     if coalesced is not None:
         report.notes.append(f"serial THR writes coalesced (KVM_CAP_COALESCED_PIO, "
                             f"{coalesced.ring.capacity}-entry ring)")
 
     arch = machine.X86ExitHandler(mem, assist=host.software)
     vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
-              coalesced=coalesced)
+              coalesced=coalesced, profile=config.debug)
     vmm.serial = serial  # type: ignore[attr-defined]
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm.boot_timer = boot_timer  # type: ignore[attr-defined]

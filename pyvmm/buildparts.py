@@ -152,7 +152,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
     (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument."""
     seen: dict[tuple[int, int], str] = {}
     # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
-    use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and not os.environ.get("PYVMM_NO_IOEVENTFD")
+    use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and config.debug.ioeventfd
     if config.disks and not use_ioeventfd:
         report.notes.append("ioeventfd unavailable: virtqueue notifications are handled as MMIO exits")
     tracer: Tracer | None = None

@@ -19,13 +19,13 @@ the device in guest order relative to every other access to it, so the ring is r
 The ring is shared by every vCPU and drained from several threads: a lock serialises the replays (the
 check for an empty ring, the common case, takes none).  It is re-entrant: a device a replay reaches may
 end the VM, which replays the ring again on the same thread.  Without the capability nothing is registered and
-every write exits as before; ``PYVMM_NO_COALESCED_PIO=1`` turns it off for measurements.
+every write exits as before; ``PYVMM_NO_COALESCED_PIO=1`` turns it off for measurements (the builder
+reads it through ``VmConfig.debug``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +35,6 @@ from pyvmm.kvm.abi import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
-
-DISABLE_ENV = "PYVMM_NO_COALESCED_PIO"
 
 
 @dataclass(frozen=True)
@@ -119,11 +117,11 @@ def _drained_writer(write: Writer, drain: Callable[[], None]) -> Writer:
 
 
 def coalesce_port_writes(vm: VmFd, vcpu: VcpuFd, port: int, size: int, *,
-                         device: tuple[int, int]) -> CoalescedWrites | None:
+                         device: tuple[int, int], enabled: bool = True) -> CoalescedWrites | None:
     """Register ``[port, port+size)`` as a coalesced PIO zone where KVM offers it, and return the ring's
     replayer; ``device`` is ``(base, size)`` of the device's registers.  None (nothing registered) without
-    ``KVM_CAP_COALESCED_PIO`` or with ``PYVMM_NO_COALESCED_PIO`` set."""
-    if os.environ.get(DISABLE_ENV):
+    ``KVM_CAP_COALESCED_PIO`` or when not ``enabled``."""
+    if not enabled:
         return None
     page = vm.check_extension(KVM_CAP_COALESCED_MMIO)  # the ring's page in the vCPU mapping; 0: none
     if page <= 0 or not vm.check_extension(KVM_CAP_COALESCED_PIO):

@@ -7,8 +7,10 @@ the CLI prints it as one line.
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import ConfigError
@@ -164,6 +166,28 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class DebugKnobs:
+    """Switches for measurements and debugging, read from the environment in this one place
+    (docs/config.md "Debug knobs"); not options, because a normal run never wants them."""
+
+    ioeventfd: bool = True  # PYVMM_NO_IOEVENTFD=1: virtqueue notifications as MMIO exits instead
+    coalesced_pio: bool = True  # PYVMM_NO_COALESCED_PIO=1: every UART THR write exits
+    guest_profile_s: float = 0.0  # PYVMM_GUEST_PROFILE=SECONDS: sample the guest's PC this often
+    guest_profile_out: str = "pyvmm-guest-profile.txt"  # PYVMM_GUEST_PROFILE_OUT=PATH: where the samples go
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str] | None = None) -> DebugKnobs:
+        env = os.environ if env is None else env
+        try:
+            profile = float(env.get("PYVMM_GUEST_PROFILE") or 0)
+        except ValueError:
+            raise ConfigError(f"PYVMM_GUEST_PROFILE={env.get('PYVMM_GUEST_PROFILE')!r}: expected seconds") from None
+        return cls(ioeventfd=not env.get("PYVMM_NO_IOEVENTFD"), coalesced_pio=not env.get("PYVMM_NO_COALESCED_PIO"),
+                   guest_profile_s=max(profile, 0.0),
+                   guest_profile_out=env.get("PYVMM_GUEST_PROFILE_OUT") or cls.guest_profile_out)
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything needed to build and run one VM."""
 
@@ -193,6 +217,7 @@ class VmConfig:
     exec_cmd: str | None = None
     # --sandbox: `pyvmm run` confines itself with seccomp before the first KVM_RUN (pyvmm.sandbox)
     sandbox: bool = True
+    debug: DebugKnobs = field(default_factory=DebugKnobs.from_environ)
 
     def __post_init__(self) -> None:
         check_memory(self.memory)

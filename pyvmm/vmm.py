@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pyvmm.bus import Bus, Reader, Writer
 from pyvmm.coalescing import CoalescedWrites
+from pyvmm.config import DebugKnobs
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
 from pyvmm.exitstats import ExitCounter, ExitStats, process_age_s
@@ -115,6 +116,7 @@ class Vmm:
         timeout: float | None = None,
         stats: bool = False,
         coalesced: CoalescedWrites | None = None,
+        profile: DebugKnobs | None = None,
     ) -> None:
         self.vcpus = vcpus
         self.pio = pio
@@ -132,10 +134,11 @@ class Vmm:
         self.started_at = 0.0
         self.first_run_at = 0.0
         self.on_stop: list[Callable[[], None]] = []
-        # Guest sampling profiler (PYVMM_GUEST_PROFILE=SECONDS): a thread kicks the vCPUs out of
-        # KVM_RUN every SECONDS and each records its guest PC.  For finding where an emulated boot
-        # spends its time; symbolize with `nm -n vmlinux`.
-        self.profile_interval = float(os.environ.get("PYVMM_GUEST_PROFILE", "0") or 0)
+        # Guest sampling profiler (``profile.guest_profile_s``, PYVMM_GUEST_PROFILE=SECONDS): a thread kicks
+        # the vCPUs out of KVM_RUN every SECONDS and each records its guest PC.  For finding where an
+        # emulated boot spends its time; symbolize with `nm -n vmlinux`.
+        self.profile_interval = profile.guest_profile_s if profile else 0.0
+        self.profile_out = profile.guest_profile_out if profile else DebugKnobs.guest_profile_out
         self.samples: list[int] = []
         self._sample_due = False
         # For the stop report: per-vCPU exit counters and RIP samples; kernel symbols, read only for a report.
@@ -264,7 +267,7 @@ class Vmm:
         if self.stats:
             self._result.stats = self._collect_stats(self._result.elapsed)
         if self.samples:
-            path = os.environ.get("PYVMM_GUEST_PROFILE_OUT", "pyvmm-guest-profile.txt")
+            path = self.profile_out
             try:
                 with open(path, "w") as f:
                     f.writelines(f"{pc:#x}\n" for pc in self.samples)

@@ -9,7 +9,8 @@ import ctypes
 import pytest
 
 from pyvmm.bus import Bus
-from pyvmm.coalescing import DISABLE_ENV, CoalescedWrites, coalesce_port_writes
+from pyvmm.coalescing import CoalescedWrites, coalesce_port_writes
+from pyvmm.config import DebugKnobs
 from pyvmm.kvm import abi
 from pyvmm.kvm.abi import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from pyvmm.kvm.coalesced import CoalescedRing
@@ -40,9 +41,9 @@ class FakeVcpu:
         return CoalescedRing(self.buf, page * PAGE, PAGE)
 
 
-def _setup(caps: dict[int, int]) -> tuple[FakeVm, FakeVcpu, CoalescedWrites | None]:
+def _setup(caps: dict[int, int], *, enabled: bool = True) -> tuple[FakeVm, FakeVcpu, CoalescedWrites | None]:
     vm, vcpu = FakeVm(caps), FakeVcpu()
-    cw = coalesce_port_writes(vm, vcpu, 0x3F8, 1, device=(0x3F8, 8))  # type: ignore[arg-type]
+    cw = coalesce_port_writes(vm, vcpu, 0x3F8, 1, device=(0x3F8, 8), enabled=enabled)  # type: ignore[arg-type]
     return vm, vcpu, cw
 
 
@@ -54,8 +55,9 @@ def test_nothing_is_registered_without_both_capabilities(caps: dict[int, int]) -
 
 
 def test_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DISABLE_ENV, "1")
-    vm, _, cw = _setup({KVM_CAP_COALESCED_MMIO: 2, KVM_CAP_COALESCED_PIO: 1})
+    monkeypatch.setenv("PYVMM_NO_COALESCED_PIO", "1")
+    assert not DebugKnobs.from_environ().coalesced_pio
+    vm, _, cw = _setup({KVM_CAP_COALESCED_MMIO: 2, KVM_CAP_COALESCED_PIO: 1}, enabled=False)
     assert cw is None and vm.zones == []
 
 
