@@ -38,6 +38,7 @@ import os
 import pty
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -167,26 +168,40 @@ class PtyChild(_SpawnBase):
         self._transcript_len = 0
         self._reader_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._expect_decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # The reader thread owns the fd: close() wakes it through this pipe and the fd is closed only once
+        # the thread is gone.  Closing an fd under a thread that reads it would let the number be reused
+        # (by a pipe of this process) and the thread read from that instead.
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
         self._thread = threading.Thread(target=self._reader, name=f"pyvmm-console-{fd}", daemon=True)
         self._thread.start()
 
     def _reader(self) -> None:
-        while True:
-            try:
-                data = os.read(self.child_fd, 65536)
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    continue
-                data = b""  # EIO: the other side closed (Linux), or the fd was closed
-            with self._cond:
+        poller = select.poll()
+        poller.register(self.child_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready:
+                    return  # close(): stop reading
+                try:
+                    data = os.read(self.child_fd, 65536)
+                except OSError as err:
+                    if err.errno == errno.EINTR:
+                        continue
+                    data = b""  # EIO: the other side closed (Linux)
                 if not data:
-                    self._eof = True
-                    self._cond.notify_all()
                     return
-                self._pending += data
-                if len(self._pending) > TRANSCRIPT_LIMIT:  # nobody is expecting: keep only the newest
-                    del self._pending[:len(self._pending) - TRANSCRIPT_LIMIT]
-                self._record(self._reader_decoder.decode(data))
+                with self._cond:
+                    self._pending += data
+                    if len(self._pending) > TRANSCRIPT_LIMIT:  # nobody is expecting: keep only the newest
+                        del self._pending[:len(self._pending) - TRANSCRIPT_LIMIT]
+                    self._record(self._reader_decoder.decode(data))
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._eof = True
                 self._cond.notify_all()
 
     def _record(self, text: str) -> None:
@@ -226,6 +241,8 @@ class PtyChild(_SpawnBase):
         return s
 
     def send(self, s: str | bytes) -> int:
+        if self._closed:
+            raise OSError(errno.EBADF, "the console is closed")
         data = s.encode() if isinstance(s, str) else s
         for log in (self.logfile, self.logfile_send):
             if log is not None:
@@ -245,9 +262,16 @@ class PtyChild(_SpawnBase):
             return not self._eof
 
     def close(self) -> None:
+        """Stop the reader, then close the pty (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError):
-            os.close(self.child_fd)
-        self._thread.join(timeout=5)
+            os.write(self._wake_w, b"x")
+        self._thread.join()  # returns at once: the reader waits in poll(), which the wake-up ends
+        for fd in (self.child_fd, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Console:

@@ -14,6 +14,7 @@ import pexpect
 import pytest
 
 from pyvmm import VM, CommandResult, Console, ConsoleEOF, ConsoleTimeout, GuestCommandError, VmTimeout
+from pyvmm.api import PtyChild
 from pyvmm.config import DiskConfig
 from pyvmm.errors import ConfigError, VmmError
 
@@ -233,3 +234,34 @@ def test_vm_exec_errors(fake_pyvmm: Path, kernel: Path) -> None:
     with pytest.raises(VmTimeout):
         vm.exec("sleep 30", timeout=1)
     assert vm.status is not None and not vm.running  # stopped, and closed
+
+
+def test_pty_child_close_stops_its_reader_first() -> None:
+    # The other side stays open, so a reader blocked in read() would never return by itself.  close() must
+    # stop the reader before the fd is closed: otherwise the fd number, reused by the next pipe this
+    # process opens, would be read by the leftover thread (output stolen from an unrelated subprocess).
+    import pty
+
+    master, slave = pty.openpty()
+    child = PtyChild(master)
+    try:
+        os.write(slave, b"hello\n")
+        deadline = time.monotonic() + 5
+        while "hello" not in child.transcript and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "hello" in child.transcript
+        t0 = time.monotonic()
+        child.close()
+        assert time.monotonic() - t0 < 2 and not child._thread.is_alive()
+        with pytest.raises(OSError):
+            os.fstat(master)
+        r, w = os.pipe()  # likely the old number again: nothing else may read it
+        os.write(w, b"mine")
+        assert os.read(r, 4) == b"mine"
+        os.close(r)
+        os.close(w)
+        with pytest.raises(OSError):
+            child.send("late")
+        child.close()  # idempotent
+    finally:
+        os.close(slave)
