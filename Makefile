@@ -88,7 +88,7 @@ run: deps-run venv images
 
 # Debian's stock cloud kernel + an initramfs with its virtio modules (the ACPI discovery test).
 DEBIAN_GUEST := images/out/debian-acpi/vmlinuz
-$(DEBIAN_GUEST):
+$(DEBIAN_GUEST): images/debian_acpi.py
 	$(PY) images/debian_acpi.py
 debian-images: venv $(DEBIAN_GUEST)
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out" / "debian-acpi"
 MODULES = ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
-           "kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko")
+           "kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko",
+           # pvpanic: the driver binds to the DSDT's QEMU0001 device (pyvmm's port 0x505)
+           "kernel/drivers/misc/pvpanic/pvpanic.ko", "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko")
 INIT = """#!/bin/busybox sh
 B=/bin/busybox
 $B mount -t proc proc /proc
@@ -40,6 +42,12 @@ done
 $B sleep 2
 echo "PYVMM-DEB: platform devices: $($B ls /sys/bus/platform/devices | $B tr '\\n' ' ')"
 echo "PYVMM-DEB: cpus online: $($B cat /sys/devices/system/cpu/online)"
+$B insmod /lib/modules/pvpanic.ko 2>/dev/null; $B insmod /lib/modules/pvpanic-mmio.ko 2>/dev/null
+echo "PYVMM-DEB: pvpanic devices: $($B ls /sys/bus/platform/drivers/pvpanic-mmio 2>/dev/null | $B grep -c QEMU0001)"
+# pyvmm.deb.crash=1: crash the kernel (sysrq c), as a test of the panic verdict through pvpanic
+case " $($B cat /proc/cmdline) " in
+  *" pyvmm.deb.crash=1 "*) echo "PYVMM-DEB: crashing"; echo c > /proc/sysrq-trigger ;;
+esac
 if [ -e /sys/block/vda ]; then
   echo "PYVMM-DEB: vda found, $($B cat /sys/block/vda/size) sectors, at $($B readlink -f /sys/block/vda)"
 else
