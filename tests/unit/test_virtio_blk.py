@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.devices.virtio import block as b
+from pyvmm.devices.virtio import device as d
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio.disk import RawDisk
 from pyvmm.interrupt import CountingIrq
@@ -83,7 +84,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 def test_features_and_config(rig: Rig) -> None:
     f = rig.features
-    for bit in (m.VIRTIO_F_VERSION_1, m.VIRTIO_F_INDIRECT_DESC, m.VIRTIO_F_EVENT_IDX, b.VIRTIO_BLK_F_FLUSH,
+    for bit in (d.VIRTIO_F_VERSION_1, d.VIRTIO_F_INDIRECT_DESC, d.VIRTIO_F_EVENT_IDX, b.VIRTIO_BLK_F_FLUSH,
                 b.VIRTIO_BLK_F_BLK_SIZE, b.VIRTIO_BLK_F_SEG_MAX, b.VIRTIO_BLK_F_DISCARD, b.VIRTIO_BLK_F_WRITE_ZEROES):  # fmt: skip
         assert f & bit, hex(bit)
     assert not f & b.VIRTIO_BLK_F_RO
@@ -242,7 +243,7 @@ def test_discard_not_negotiated(tmp_path: Path) -> None:
 
 
 def test_batch_and_event_idx_suppression(rig: Rig) -> None:
-    assert rig.features & m.VIRTIO_F_EVENT_IDX
+    assert rig.features & d.VIRTIO_F_EVENT_IDX
     rig.q.set_used_event(3)  # interrupt once the 4th buffer is used
     for i in range(3):
         rig.submit(b.VIRTIO_BLK_T_IN, i, in_len=512)
@@ -255,7 +256,7 @@ def test_batch_and_event_idx_suppression(rig: Rig) -> None:
 
 
 def test_no_interrupt_flag_without_event_idx(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, mask=~m.VIRTIO_F_EVENT_IDX)
+    rig = Rig(tmp_path, mask=~d.VIRTIO_F_EVENT_IDX)
     try:
         rig.q.set_no_interrupt(True)
         assert rig.run(b.VIRTIO_BLK_T_IN, 0, in_len=512)[0] == b.VIRTIO_BLK_S_OK
@@ -268,7 +269,7 @@ def test_no_interrupt_flag_without_event_idx(tmp_path: Path) -> None:
 
 
 def test_indirect_without_negotiation_needs_reset(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, mask=~m.VIRTIO_F_INDIRECT_DESC)
+    rig = Rig(tmp_path, mask=~d.VIRTIO_F_INDIRECT_DESC)
     try:
         rig.submit(b.VIRTIO_BLK_T_IN, 0, in_len=512, indirect=True)
         rig.t.notify(0)

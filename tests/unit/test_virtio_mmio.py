@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from pyvmm.devices.virtio import device as d
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.interrupt import CountingIrq
@@ -16,7 +17,7 @@ from pyvmm.testing.driverqueue import DriverQueue, SetupError, setup_device
 FEATURE_X = 1 << 3
 
 
-class Dummy(m.VirtioDevice):
+class Dummy(d.VirtioDevice):
     device_id = 42
     queue_max_sizes = (16, 8)
 
@@ -33,7 +34,7 @@ class Dummy(m.VirtioDevice):
 
     @property
     def device_features(self) -> int:
-        return m.VIRTIO_F_VERSION_1 | FEATURE_X | m.VIRTIO_F_EVENT_IDX
+        return d.VIRTIO_F_VERSION_1 | FEATURE_X | d.VIRTIO_F_EVENT_IDX
 
     def config_bytes(self) -> bytes:
         return bytes(self.config)
@@ -108,7 +109,7 @@ def test_non_word_register_access_is_ignored(rig: Rig) -> None:
 
 def test_device_features_by_select(rig: Rig) -> None:
     rig.w(m.REG_DEVICE_FEATURES_SEL, 0)
-    assert rig.r(m.REG_DEVICE_FEATURES) == FEATURE_X | m.VIRTIO_F_EVENT_IDX
+    assert rig.r(m.REG_DEVICE_FEATURES) == FEATURE_X | d.VIRTIO_F_EVENT_IDX
     rig.w(m.REG_DEVICE_FEATURES_SEL, 1)
     assert rig.r(m.REG_DEVICE_FEATURES) == 1  # VERSION_1 is bit 32
     rig.w(m.REG_DEVICE_FEATURES_SEL, 7)
@@ -124,7 +125,7 @@ def test_full_setup_activates_once(rig: Rig) -> None:
     assert rig.dev.activations == [feats]
 
 
-@pytest.mark.parametrize("features", [FEATURE_X, m.VIRTIO_F_VERSION_1 | (1 << 20)])
+@pytest.mark.parametrize("features", [FEATURE_X, d.VIRTIO_F_VERSION_1 | (1 << 20)])
 def test_features_ok_refused(rig: Rig, features: int) -> None:
     with pytest.raises(SetupError):
         setup_device(rig.t, [rig.q0], features=features)
@@ -136,10 +137,10 @@ def test_features_ok_refused(rig: Rig, features: int) -> None:
 
 
 def test_features_frozen_after_features_ok(rig: Rig) -> None:
-    setup_device(rig.t, [rig.q0], features=m.VIRTIO_F_VERSION_1)
+    setup_device(rig.t, [rig.q0], features=d.VIRTIO_F_VERSION_1)
     rig.w(m.REG_DRIVER_FEATURES_SEL, 0)
     rig.w(m.REG_DRIVER_FEATURES, FEATURE_X)
-    assert rig.t.negotiated_features == m.VIRTIO_F_VERSION_1
+    assert rig.t.negotiated_features == d.VIRTIO_F_VERSION_1
 
 
 def test_queue_registers(rig: Rig) -> None:
@@ -177,7 +178,7 @@ def test_queue_layout_frozen_after_driver_ok(rig: Rig) -> None:
 def test_queue_ready_0_after_driver_ok_stops_the_queue(rig: Rig) -> None:
     # §4.2.2: QueueReady reads back the last value written, and the device does not touch a queue whose
     # QueueReady is 0.
-    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~d.VIRTIO_F_EVENT_IDX)
     rig.w(m.REG_QUEUE_SEL, 0)
     rig.w(m.REG_QUEUE_READY, 0)
     assert rig.r(m.REG_QUEUE_READY) == 0
@@ -224,7 +225,7 @@ def test_a_queue_not_ready_at_driver_ok_cannot_be_started_later(rig: Rig) -> Non
 def test_a_reset_never_follows_its_own_completion_interrupt(rig: Rig) -> None:
     # The used ring advances, then a reset comes before the interrupt is raised: the reset must wait for
     # the interrupt (raised while the device is still live), not the other way round.
-    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~d.VIRTIO_F_EVENT_IDX)
     seen: list[int] = []
     trigger = rig.irq.trigger
 
@@ -255,7 +256,7 @@ def test_notify_before_driver_ok_does_nothing(rig: Rig) -> None:
 
 
 def test_notify_processes_and_interrupts(rig: Rig) -> None:
-    setup_device(rig.t, [rig.q0, rig.q1], mask=~m.VIRTIO_F_EVENT_IDX)
+    setup_device(rig.t, [rig.q0, rig.q1], mask=~d.VIRTIO_F_EVENT_IDX)
     head = rig.q0.add_chain([(4, True)])
     rig.w(m.REG_QUEUE_NOTIFY, 0)
     assert rig.dev.processed == [0]

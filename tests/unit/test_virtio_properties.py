@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.devices.virtio import block as b
+from pyvmm.devices.virtio import device as d
 from pyvmm.devices.virtio import mmio as m
 from pyvmm.devices.virtio.disk import RawDisk
 from pyvmm.devices.virtio.queue import DescriptorChain
@@ -55,7 +56,7 @@ HDR = struct.Struct("<IIQ")
 SEG = struct.Struct("<QII")
 TYPES = [b.VIRTIO_BLK_T_IN, b.VIRTIO_BLK_T_OUT, b.VIRTIO_BLK_T_FLUSH, b.VIRTIO_BLK_T_GET_ID,
          b.VIRTIO_BLK_T_DISCARD, b.VIRTIO_BLK_T_WRITE_ZEROES, 7, 0xFFFFFFFF]  # fmt: skip
-OPTIONAL_FEATURES = [m.VIRTIO_F_EVENT_IDX, m.VIRTIO_F_INDIRECT_DESC, b.VIRTIO_BLK_F_FLUSH,
+OPTIONAL_FEATURES = [d.VIRTIO_F_EVENT_IDX, d.VIRTIO_F_INDIRECT_DESC, b.VIRTIO_BLK_F_FLUSH,
                      b.VIRTIO_BLK_F_DISCARD, b.VIRTIO_BLK_F_WRITE_ZEROES]  # fmt: skip
 
 
@@ -313,7 +314,7 @@ def test_well_formed_requests_used_exactly_once(
             else:
                 bufs += [((n if writable else bytes([0x5A]) * n), writable) for n in _split(length, cuts)]
             bufs.append((b"\xee", True))
-            use_indirect = indirect and bool(rig.features & m.VIRTIO_F_INDIRECT_DESC)
+            use_indirect = indirect and bool(rig.features & d.VIRTIO_F_INDIRECT_DESC)
             if q.free_descriptors < (1 if use_indirect else len(bufs)) or len(pending) == QSIZE // 2:
                 reap()  # as a driver waits for used buffers when its ring or memory runs short
             head = q.add_chain(bufs, indirect=use_indirect)
@@ -363,7 +364,7 @@ def test_register_sequences_never_raise(
         status = t.read(m.REG_STATUS, 4)
         if status & m.STATUS_FEATURES_OK:
             feats = t.negotiated_features
-            assert feats & m.VIRTIO_F_VERSION_1 and not feats & ~t.device.device_features
+            assert feats & d.VIRTIO_F_VERSION_1 and not feats & ~t.device.device_features
         if status & m.STATUS_DRIVER_OK:
             assert status & m.STATUS_FEATURES_OK
     finally:

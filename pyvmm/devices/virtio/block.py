@@ -35,13 +35,13 @@ from collections.abc import Sequence
 
 from pyvmm.config import DiskConfig
 from pyvmm.devices.ratelimit import LogLimiter
-from pyvmm.devices.virtio.disk import SECTOR_SIZE, Disk, RawDisk
-from pyvmm.devices.virtio.mmio import (
+from pyvmm.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VirtioDevice,
 )
+from pyvmm.devices.virtio.disk import SECTOR_SIZE, Disk, RawDisk
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue
 from pyvmm.devices.virtio.snapshot import SnapshotDisk
 from pyvmm.memory import GuestMemory

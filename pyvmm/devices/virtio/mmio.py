@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
 
 from pyvmm.devices.ratelimit import LogLimiter
+from pyvmm.devices.virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    TraceHook,
+    VirtioDevice,
+)
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.interrupt import IrqLine
@@ -85,60 +91,6 @@ STATUS_FAILED = 128
 _DRIVER_STATUS_BITS = (
     STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED
 )
-
-# §6 Reserved feature bits (device-independent).
-VIRTIO_F_INDIRECT_DESC = 1 << 28
-VIRTIO_F_EVENT_IDX = 1 << 29
-VIRTIO_F_VERSION_1 = 1 << 32
-
-TraceHook = Callable[[str], None]
-
-
-class VirtioDevice:
-    """Base class of a virtio device type behind a transport.
-
-    Subclasses set ``device_id`` and ``queue_max_sizes`` and implement the methods below.  The
-    transport calls ``activate`` once the driver set DRIVER_OK, ``process_queue`` per notification
-    (serialised: never two at a time for one device), and ``reset`` on a device reset.
-    """
-
-    device_id: int = 0
-    queue_max_sizes: tuple[int, ...] = ()
-
-    def __init__(self) -> None:
-        self.trace: TraceHook | None = None  # set by the transport
-
-    @property
-    def device_features(self) -> int:
-        """The 64-bit feature set the device offers (§2.2)."""
-        return VIRTIO_F_VERSION_1
-
-    def read_config(self, offset: int, size: int) -> int:
-        """A little-endian read of ``size`` bytes at ``offset`` into the config space; 0 past its end."""
-        data = self.config_bytes()
-        chunk = data[offset : offset + size] if offset < len(data) else b""
-        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
-
-    def config_bytes(self) -> bytes:
-        """The device-specific configuration space (§4.2.2 offset 0x100 onwards)."""
-        return b""
-
-    def write_config(self, offset: int, size: int, value: int) -> None:
-        """A driver write to the config space; read-only by default (ignored)."""
-
-    def activate(self, mem: GuestMemory, queues: Sequence[Virtqueue], features: int) -> None:
-        """The driver set DRIVER_OK with ``features`` negotiated; the queues are configured."""
-
-    def reset(self) -> None:
-        """Forget all per-driver state (§2.4); the transport resets the queues itself."""
-
-    def process_queue(self, index: int, mem: GuestMemory) -> bool:
-        """Serve available buffers on queue ``index``; True if the used ring advanced.
-
-        Raises :class:`~.queue.VirtqueueError` for a chain the device cannot parse.
-        """
-        return False
-
 
 class VirtioMmioTransport:
     """A virtio-mmio (version 2) register window in front of a :class:`VirtioDevice`."""
