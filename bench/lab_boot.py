@@ -10,7 +10,7 @@ microvm without ACPI cannot power off).  Run i of every VMM is made back to back
 read.  pyvmm runs with ``--stats``, which also gives its exits per boot.  Prints a table and one line
 ``ratio pyvmm/QEMU <configuration>: <ratio>`` per configuration; not a pass/fail test.
 
-On a software-KVM host (host-kvm.md) it re-runs itself inside the KVM lab (``pyvmm.lab``): ``make
+On a software-KVM host (hosts.md) it re-runs itself inside the KVM lab (``pyvmm.lab``): ``make
 bench-lab``.  Usage: ``python bench/lab_boot.py [--reps N]``.
 """
 

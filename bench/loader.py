@@ -3,7 +3,7 @@
 ``pyvmm.loader.load_kernel`` into a fresh ``GuestMemory`` (the same size as the default guest), REPS
 times each, alternating, median and best.  ``bzImage --boot guest`` (load only, the decompressor runs in
 the guest) is listed for reference: that decompression then costs guest time, which on a software KVM is
-tens of seconds (see docs/host-kvm).  Usage: ``python bench/loader.py [--reps N]``.
+tens of seconds (see docs/hosts.md).  Usage: ``python bench/loader.py [--reps N]``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 2. One busy guest: the default guest with a root snapshot disk and a scratch vdb runs rounds of writes,
    flushes, reads and checks on both for ``--minutes M`` (default 10); pyvmm's RSS without the guest's
    RAM and its fds are sampled every 5 s (pyvmm.testing.soak.guest_soak).  On a host whose KVM cannot
-   run guest user space (docs/host-kvm.md) this part runs inside the KVM lab.
+   run guest user space (docs/hosts.md) this part runs inside the KVM lab.
 
 Prints a table per part and a verdict: flat (fds and threads never above their level after warm-up,
 RSS within a bound) and, for the guest, every round verified.  Exit status 0 when both hold.  The test

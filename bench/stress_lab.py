@@ -9,7 +9,7 @@ on the guest's reboot.  Prints one line per boot as it ends, then a table: how l
 /init and to end, and for every boot that did not end well, the tail of pyvmm's stderr (its report of
 where the vCPUs were when the timeout hit) and of the console.  Exit status 0 when every boot was good.
 
-On a software-KVM host (host-kvm.md) it re-runs itself inside ONE run of the KVM lab (``pyvmm.lab``):
+On a software-KVM host (hosts.md) it re-runs itself inside ONE run of the KVM lab (``pyvmm.lab``):
 ``make stress-lab`` (``STRESS_N=...``, default 50).  Usage: ``python bench/stress_lab.py [-n N]
 [--timeout SECONDS] [--root-disk]``.
 """

@@ -1,6 +1,6 @@
 /*
  * Instructions this project's software host KVM cannot emulate and pyvmm's emulation assist performs
- * (pyvmm/arch/x86_64/assist.py; docs/host-kvm.md).  On a hardware KVM they run natively: either way
+ * (pyvmm/arch/x86_64/assist.py; docs/hosts.md).  On a hardware KVM they run natively: either way
  * the guest-visible results must be the architectural ones, which tests/kvm/test_assist.py computes
  * in Python.  Reports, in order, on PORT_REPORT (r32 = one write, r64 = low and high halves):
  *

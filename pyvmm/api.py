@@ -24,7 +24,7 @@ stands in for a guest in the unit tests); for a VM the child is :class:`PtyChild
 
 :meth:`Console.run` needs a POSIX shell on the console (e.g. ``init=/bin/sh``; the default guest's
 ``/init`` runs its checks and reboots).  On a software-emulating host KVM guest user space cannot run at
-all (docs: host-kvm.md), so there is no shell to talk to; use the KVM lab or a hardware KVM.
+all (docs: hosts.md), so there is no shell to talk to; use the KVM lab or a hardware KVM.
 """
 
 from __future__ import annotations

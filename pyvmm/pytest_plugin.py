@@ -9,7 +9,7 @@ Fixtures:
 ``booted_vm``
     The default guest booted to a shell on its console (``init=/bin/sh`` on the ``--pyvmm-disk`` root,
     or ``rdinit=/bin/sh`` on the initrd), ready for ``booted_vm.run("uname -r")``.  It needs guest user
-    space: on a software-emulating host KVM (host-kvm.md) it skips; run it in the KVM lab or on hardware.
+    space: on a software-emulating host KVM (hosts.md) it skips; run it in the KVM lab or on hardware.
 ``booted_vm_session``
     The same guest, booted once per session (once per pytest-xdist worker) and shared by every test that
     uses it: for suites that only look at one guest.  Tests must leave its state alone (no reboot, no
@@ -335,7 +335,7 @@ def _boot_to_shell(make: VmFactory, images: PyvmmImages, workdir: Path) -> VM:
 
     host = hostkvm.detect()
     if host.software and os.environ.get("PYVMM_IN_LAB") != "1":
-        _unavailable(images, f"{host.reason}: guest user space cannot run here (docs: host-kvm.md); "
+        _unavailable(images, f"{host.reason}: guest user space cannot run here (docs: hosts.md); "
                              "use the KVM lab (pyvmm.lab) or a hardware KVM")
     if images.disk is not None:
         root = workdir / "root.img"

@@ -3,7 +3,7 @@
 The lab is ``qemu-system-x86_64 -M microvm,acpi=off -accel tcg -cpu EPYC,+svm,+npt`` running the lab
 kernel (``images/out/lab-bzImage``, built by ``images/lab.py``): QEMU emulates an AMD CPU with SVM and
 nested paging, so ``/dev/kvm`` inside behaves like a hardware KVM, while this host's own KVM may be a
-software one that cannot run guest user space (docs: host-kvm.md).
+software one that cannot run guest user space (docs: hosts.md).
 
 Inside, the root file system is the host's ``/`` over 9p, read-only, so the command sees the same
 interpreter, virtual environment and project tree at the same paths.  Writable: a scratch directory
@@ -68,7 +68,7 @@ CONTROL_DIR = ".pyvmm-lab"
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MEMORY = "3G"
-# The measured configuration (host-kvm.md, "The KVM lab"): one vCPU (two hung in AP bring-up).
+# The measured configuration (hosts.md, "The KVM lab"): one vCPU (two hung in AP bring-up).
 CPU_MODEL = "EPYC,+svm,+npt"
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 

@@ -1,6 +1,6 @@
 """The default guest boots under pyvmm.
 
-On a software-emulating host KVM (ours) guest user space cannot run (docs: host-kvm.md), so the
+On a software-emulating host KVM (ours) guest user space cannot run (docs: hosts.md), so the
 test asserts the kernel's own milestones up to ``Run /init as init process`` and that the VM then ends
 by itself (the init panic); on a hardware KVM it asserts the initramfs's user-space markers and a
 clean reboot (exit status 0).

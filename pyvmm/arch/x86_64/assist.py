@@ -1,12 +1,12 @@
 """Emulation assist for host KVMs that cannot emulate every instruction.
 
-Some hosts run guest kernel code through KVM's instruction emulator (see docs/host-kvm.md: a
+Some hosts run guest kernel code through KVM's instruction emulator (see docs/hosts.md: a
 software KVM).  When that emulator meets an instruction it does not implement, ``KVM_RUN`` returns
 ``KVM_EXIT_INTERNAL_ERROR`` / ``KVM_INTERNAL_ERROR_EMULATION`` and re-entering does not help.  This
 module reads the instruction at RIP through the guest's page tables and performs the few that are
 safe to perform from user space.  Anything else stops the VM with RIP and the instruction bytes.
 
-The table of cases (keep it in step with docs/host-kvm.md):
+The table of cases (keep it in step with docs/hosts.md):
 
 ===============  =========================  ===================================================
 instruction      where Linux 6.1 uses it    what the assist does

@@ -185,7 +185,7 @@ def get_supported_cpuid(kvm_fd: int) -> list[x86.kvm_cpuid_entry2]:
 
 
 # KVM paravirtual features, CPUID 0x40000001 EAX (Documentation/virt/kvm/x86/cpuid.rst).  The three
-# that Linux uses only with more than one CPU; on the software-emulating host KVM (host-kvm.md) a
+# that Linux uses only with more than one CPU; on the software-emulating host KVM (hosts.md) a
 # two-vCPU guest stalls right after "Switched to clocksource kvm-clock" with them and boots without.
 KVM_CPUID_FEATURES = 0x40000001
 KVM_FEATURE_PV_TLB_FLUSH = 1 << 9

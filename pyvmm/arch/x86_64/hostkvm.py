@@ -1,6 +1,6 @@
 """Detect a host KVM that emulates guest kernel code in software, and what to do about it.
 
-See docs/host-kvm.md.  On such a host (the ``kvm_pvm`` module, as on our development and CI machines)
+See docs/hosts.md.  On such a host (the ``kvm_pvm`` module, as on our development and CI machines)
 guest CPL0 code runs through KVM's instruction emulator, which lacks a few instructions.  pyvmm then
 (1) turns on the emulation assist and (2) appends kernel arguments that keep Linux away from the
 instructions the assist cannot perform.  On a hardware KVM neither happens.
