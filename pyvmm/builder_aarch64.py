@@ -29,6 +29,8 @@ from pyvmm.buildparts import (
 )
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
+from pyvmm.devices.guestexit import GUEST_EXIT_SIZE
+from pyvmm.devices.pvpanic import PVPANIC_MMIO_SIZE
 from pyvmm.devices.serial import Serial16550
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
@@ -78,8 +80,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     serial = Serial16550(irqfd(vm, stack, layout.UART_SPI, irqfds), console)
     mmio.add(layout.UART_ADDR, UART_REGS, serial, "uart")
     pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
-    mmio.add(layout.PVPANIC_ADDR, layout.PVPANIC_SIZE, pvpanic, "pvpanic")
-    mmio.add(layout.GUEST_EXIT_ADDR, layout.GUEST_EXIT_SIZE, guest_exit, "guest-exit")
+    mmio.add(layout.PVPANIC_ADDR, PVPANIC_MMIO_SIZE, pvpanic, "pvpanic")
+    mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
                  window=layout.VIRTIO_MMIO_SIZE, cmdline=None, deferred_irqfds=irqfds)
     report.cmdline = str(cmdline)

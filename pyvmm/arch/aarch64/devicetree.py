@@ -26,7 +26,9 @@ from __future__ import annotations
 from pyvmm.arch.aarch64 import layout
 from pyvmm.arch.aarch64.fdt import FdtWriter
 from pyvmm.devices.guestexit import DT_COMPATIBLE as GUEST_EXIT_COMPATIBLE
+from pyvmm.devices.guestexit import GUEST_EXIT_SIZE
 from pyvmm.devices.pvpanic import DT_COMPATIBLE as PVPANIC_COMPATIBLE
+from pyvmm.devices.pvpanic import PVPANIC_MMIO_SIZE
 
 # include/dt-bindings/interrupt-controller/arm-gic.h: interrupt specifier cell 0.
 GIC_SPI = 0
@@ -128,8 +130,8 @@ def build_device_tree(
     for base, spi in virtio:
         _virtio(w, base, spi)
     if reports:
-        _reg_only(w, "pvpanic-mmio", PVPANIC_COMPATIBLE, layout.PVPANIC_ADDR, layout.PVPANIC_SIZE)
-        _reg_only(w, "guest-exit", GUEST_EXIT_COMPATIBLE, layout.GUEST_EXIT_ADDR, layout.GUEST_EXIT_SIZE)
+        _reg_only(w, "pvpanic-mmio", PVPANIC_COMPATIBLE, layout.PVPANIC_ADDR, PVPANIC_MMIO_SIZE)
+        _reg_only(w, "guest-exit", GUEST_EXIT_COMPATIBLE, layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE)
     w.end_node()
 
     blob = w.finish(boot_cpuid=mpidr_affinity(0))

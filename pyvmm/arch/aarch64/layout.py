@@ -31,11 +31,10 @@ UART_ADDR = 0x0900_0000  # an ns16550a on MMIO, byte registers (reg-shift 0)
 UART_SIZE = 0x1000
 UART_SPI = 1
 # pvpanic (pyvmm/devices/pvpanic.py; bindings/misc/pvpanic-mmio.txt: a 2-byte region) and the guest exit
-# device (pyvmm/devices/guestexit.py), a page each after the UART; no interrupts
+# device (pyvmm/devices/guestexit.py), a page each after the UART (their sizes are the devices'); no
+# interrupts
 PVPANIC_ADDR = 0x0900_1000
-PVPANIC_SIZE = 0x2
 GUEST_EXIT_ADDR = 0x0900_2000
-GUEST_EXIT_SIZE = 0x1000
 
 # virtio-mmio windows: one 4 KiB page each (virtio 1.2 4.2.2: the register block is 0x100 + config)
 VIRTIO_MMIO_BASE = 0x0A00_0000
