@@ -21,6 +21,19 @@ QSIZE = 16
 HDR = struct.Struct("<IIQ")
 
 
+def request_buffers(rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *, status: bool = True
+                    ) -> list[tuple[bytes | int, bool]]:
+    """A virtio-blk request as a driver lays it out (§5.2.6): header, data out or in, status byte."""
+    bufs: list[tuple[bytes | int, bool]] = [(HDR.pack(rtype, 0, sector), False)]
+    if out:
+        bufs.append((out, False))
+    if in_len:
+        bufs.append((in_len, True))
+    if status:
+        bufs.append((b"\xff", True))
+    return bufs
+
+
 def pattern(sector: int) -> bytes:
     return bytes((sector * 7 + i) & 0xFF for i in range(512))
 
@@ -48,14 +61,7 @@ class Rig:
         indirect: bool = False,
         status: bool = True,
     ) -> int:
-        bufs: list[tuple[bytes | int, bool]] = [(HDR.pack(rtype, 0, sector), False)]
-        if out:
-            bufs.append((out, False))
-        if in_len:
-            bufs.append((in_len, True))
-        if status:
-            bufs.append((b"\xff", True))
-        return self.q.add_chain(bufs, indirect=indirect)
+        return self.q.add_chain(request_buffers(rtype, sector, out, in_len, status=status), indirect=indirect)
 
     def run(
         self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, **kw: bool

@@ -20,7 +20,7 @@ from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.driverqueue import DriverQueue, setup_device
 from pyvmm.testing.faultydisk import Fault, FaultyDisk
-from tests.unit.test_virtio_blk import HDR, QSIZE, SECTORS, pattern
+from tests.unit.test_virtio_blk import QSIZE, SECTORS, pattern, request_buffers
 
 
 class Rig:
@@ -36,12 +36,7 @@ class Rig:
         setup_device(self.t, [self.q])
 
     def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0) -> tuple[int, int, bytes]:
-        bufs: list[tuple[bytes | int, bool]] = [(HDR.pack(rtype, 0, sector), False)]
-        if out:
-            bufs.append((out, False))
-        if in_len:
-            bufs.append((in_len, True))
-        bufs.append((b"\xff", True))
+        bufs = request_buffers(rtype, sector, out, in_len)
         head = self.q.add_chain(bufs)
         self.t.notify(0)
         (used,) = self.q.get_used()

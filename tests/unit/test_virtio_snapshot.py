@@ -25,8 +25,7 @@ from pyvmm.errors import DeviceError
 from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.driverqueue import DriverQueue, setup_device
-
-HDR = struct.Struct("<IIQ")
+from tests.unit.test_virtio_blk import request_buffers
 
 
 def _content(size: int, seed: int = 1) -> bytes:
@@ -270,12 +269,7 @@ def _device(disk: SnapshotDisk | RawDisk) -> tuple[b.VirtioBlock, m.VirtioMmioTr
 
 def _request(t: m.VirtioMmioTransport, q: DriverQueue, rtype: int, sector: int, out: bytes = b"",
              in_len: int = 0) -> tuple[int, bytes]:
-    bufs: list[tuple[bytes | int, bool]] = [(HDR.pack(rtype, 0, sector), False)]
-    if out:
-        bufs.append((out, False))
-    if in_len:
-        bufs.append((in_len, True))
-    bufs.append((b"\xff", True))
+    bufs = request_buffers(rtype, sector, out, in_len)
     head = q.add_chain(bufs)
     t.notify(0)
     (used,) = q.get_used()
