@@ -89,16 +89,20 @@ def make_stopper(vmm_ref: list[Vmm]) -> Callable[[ExitStatus, str], None]:
     return stop
 
 
+def after_panic_grace(fn: Callable[[], None]) -> None:
+    """Call ``fn`` once the rest of a panic report has had PANIC_GRACE_S to reach the console."""
+    t = threading.Timer(PANIC_GRACE_S, fn)
+    t.daemon = True
+    t.start()
+
+
 def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int | None,
                  stop: Callable[[ExitStatus, str], None]) -> ConsoleOutput:
     """The guest console sink; with ``exit_on_panic`` a kernel panic line stops the VM shortly after."""
     fd = _console_fd(config, stack) if console_fd == -1 else console_fd
 
     def on_panic(line: str) -> None:
-        # Let the rest of the panic report reach the console, then stop.
-        t = threading.Timer(PANIC_GRACE_S, stop, (ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
-        t.daemon = True
-        t.start()
+        after_panic_grace(lambda: stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
 
     return ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
 
@@ -133,9 +137,7 @@ def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
                 stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
                                              "(reported by pvpanic)")
 
-            t = threading.Timer(PANIC_GRACE_S, stop_after_grace)
-            t.daemon = True
-            t.start()
+            after_panic_grace(stop_after_grace)
 
     def on_exit(status: int) -> None:
         if vmm_ref:
