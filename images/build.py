@@ -4,7 +4,8 @@
 Usage: python3 images/build.py [--force] [kernel|initrd|rootfs|all]   (default: all)
 
 Outputs (in images/out/):
-  kernel: vmlinux, bzImage, config-x86_64   (from linux-source-6.1 + guest-x86_64.config)
+  kernel: vmlinux, vmlinux.debug (with DWARF, for gdb), bzImage, config-x86_64
+          (from linux-source-6.1 + guest-x86_64.config)
   initrd: initrd.cpio.gz                    (busybox-static + init.sh)
   rootfs: rootfs.ext4                       (64 MiB ext4, same busybox tree + /etc/pyvmm-hello)
 and for each target a manifest <target>.inputs (JSON) naming the input hash.
@@ -294,7 +295,10 @@ def build_kernel(dest: Path) -> None:
     log("kernel", "all fragment options survived olddefconfig")
     jobs = str(os.cpu_count() or 1)
     make_with_progress("kernel", [f"-j{jobs}", "vmlinux", "bzImage"], src, env)
-    shutil.copy2(src / "vmlinux", dest / "vmlinux")
+    # vmlinux.debug keeps the DWARF sections for gdb; the image pyvmm boots keeps only what it loads and
+    # the symbol table (the stop report names functions from it), a tenth of the size.
+    shutil.copy2(src / "vmlinux", dest / "vmlinux.debug")
+    run(["objcopy", "--strip-debug", src / "vmlinux", dest / "vmlinux"])
     shutil.copy2(src / "arch/x86/boot/bzImage", dest / "bzImage")
     shutil.copy2(src / ".config", dest / "config")
     wanted, _ = parse_fragment(FRAGMENT)
@@ -448,7 +452,7 @@ TARGETS: dict[str, Target] = {
         "kernel",
         kernel_inputs,
         build_kernel,
-        {"vmlinux": "vmlinux", "bzImage": "bzImage", "config": "config-x86_64"},
+        {"vmlinux": "vmlinux", "vmlinux.debug": "vmlinux.debug", "bzImage": "bzImage", "config": "config-x86_64"},
     ),
     "initrd": Target("initrd", initrd_inputs, build_initrd, {"initrd.cpio.gz": "initrd.cpio.gz"}),
     "rootfs": Target("rootfs", rootfs_inputs, build_rootfs, {"rootfs.ext4": "rootfs.ext4"}),

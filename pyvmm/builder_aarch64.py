@@ -48,6 +48,9 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         raise ConfigError(f"at most {layout.MAX_CPUS} vCPUs on aarch64")
     if config.devices_via == "cmdline":
         raise ConfigError("--devices-via cmdline is x86 only: on aarch64 the device tree announces the devices")
+    if config.gdb is not None:
+        raise ConfigError("--gdb is x86_64 only so far: the aarch64 register set and page-table walk are not "
+                          "written yet (docs/gdb.md)")
 
     try:
         ram = layout.ram_layout(config.memory)

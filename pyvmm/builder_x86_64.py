@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 
-from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
+from pyvmm.arch.x86_64 import debugprobe, hostkvm, layout, machine, mptable
 from pyvmm.arch.x86_64.acpi import tables as acpi_tables
 from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
 from pyvmm.arch.x86_64.cpu import get_supported_cpuid
+from pyvmm.arch.x86_64.gdbtarget import X86DebugTarget
 from pyvmm.buildparts import (
     BuildReport,
     add_exec_arg,
     attach_disks,
+    attach_gdb,
     create_vm,
     irqfd,
     make_console,
@@ -130,5 +132,6 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
     vmm_ref.append(vmm)
+    attach_gdb(config, vmm, mem, lambda: X86DebugTarget(mem, vm, debugprobe.probe()), stack, report)
     return vmm
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.bus import Bus
-from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig
+from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_address
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.guestexit import GuestExit
 from pyvmm.devices.pvpanic import PVPANIC_PANICKED, PvPanic, describe
@@ -25,6 +25,9 @@ from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
+from pyvmm.gdb.control import Debugger
+from pyvmm.gdb.server import GdbServer, is_loopback
+from pyvmm.gdb.target import DebugTarget
 from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
 from pyvmm.interrupt import EventFd, EventFdIrq
 from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
@@ -217,3 +220,34 @@ def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int,
     else:
         deferred.append((efd.fd, gsi))
     return EventFdIrq(efd, gsi)
+
+
+def attach_gdb(config: VmConfig, vmm: Vmm, mem: GuestMemory, make_target: Callable[[], DebugTarget],
+               stack: contextlib.ExitStack, report: BuildReport) -> None:
+    """``--gdb``: the GDB server on its socket (opened now, before the sandbox refuses new sockets) and
+    the all-stop control in the vCPU loop.  Nothing at all without ``--gdb``."""
+    if config.gdb is None:
+        return
+    host, port = parse_gdb_address(config.gdb)
+    target = make_target()
+    debugger = Debugger(vmm.vcpus, mem, target, vmm.loop, kick=vmm.kick_vcpus, stopping=lambda: vmm.stopping,
+                        start_paused=config.gdb_wait, on_pause=vmm.flush_output)
+    stack.callback(debugger.close)
+    try:
+        server = GdbServer(debugger, target, vmm.loop, host=host, port=port,
+                           kill=lambda why: vmm.request_stop(ExitStatus.STOPPED, f"stopped by gdb: {why}"),
+                           exit_code=lambda: vmm.result.exit_code if vmm.result is not None else 0)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise ConfigError(f"--gdb {config.gdb}: cannot listen on {host} port {port}: {why}") from None
+    stack.callback(server.close)
+    vmm.debug = debugger
+    vmm.on_stop.append(server.vm_ended)
+    shown_host, shown_port = server.address
+    where = f"[{shown_host}]:{shown_port}" if ":" in shown_host else f"{shown_host}:{shown_port}"
+    report.notes.append(f"gdb server on {where} (gdb: target remote {where})"
+                        + ("; the guest waits for gdb to attach and continue" if config.gdb_wait else ""))
+    report.notes.append(f"gdb: {target.describe()}")
+    if not is_loopback(shown_host):
+        report.notes.append(f"warning: the gdb server listens on {shown_host}, not on loopback: whoever reaches "
+                            "that port can read and change the guest's memory and registers")

@@ -33,6 +33,8 @@ examples:
   pyvmm run --kernel bzImage --disk path=rootfs.ext4 --cmdline "console=ttyS0 root=/dev/vda rw"
   pyvmm run --config vm.toml --memory 1G --trace virtio --trace-file trace.txt
   pyvmm run --kernel images/out/bzImage --initrd images/out/initrd.cpio.gz --exec "uname -r"
+  pyvmm run --kernel images/out/vmlinux --initrd images/out/initrd.cpio.gz --gdb 1234 --gdb-wait
+      then, in another terminal: gdb images/out/vmlinux.debug -ex "target remote :1234"
   pyvmm config --print --config vm.toml --memory 1G     (the effective configuration, as TOML)
 """
 
@@ -91,6 +93,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "that refuses what a running VMM never needs (starting programs, fork, ptrace, mount, "
                         "module and kexec loading, bpf, new sockets...); a refused call fails with EPERM and "
                         "the exit reason says so.  off: no filter")
+    p.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="serve the GDB remote protocol on PORT (loopback unless HOST is given; another host "
+                        "is reachable by anyone who can reach this machine, and pyvmm warns): `gdb vmlinux` "
+                        "then `target remote :PORT` stops the guest, and gdb can set breakpoints, single-step, "
+                        "read registers and guest virtual memory; each vCPU is a thread.  See docs/gdb.md")
+    p.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: the guest does not start until gdb attaches and continues it (break "
+                        "on early kernel code)")
     p.add_argument("-v", "--verbose", action="count", help="more VMM messages on stderr (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no VMM messages except errors")
 

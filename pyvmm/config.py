@@ -95,6 +95,27 @@ def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_gdb_address(text: str) -> tuple[str, int]:
+    """``--gdb``: ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); loopback without a host."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad gdb address {text!r}: expected [HOST:]PORT, e.g. 1234 or 127.0.0.1:1234") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad gdb address {text!r}: port {port} is outside 0-65535")
+    return host, port
+
+
+def check_gdb(text: str | None) -> str | None:
+    if text is not None:
+        parse_gdb_address(text)
+    return text
+
+
 def _parse_bool(key: str, value: str) -> bool:
     v = value.lower()
     if v in ("on", "yes", "true", "1"):
@@ -217,6 +238,10 @@ class VmConfig:
     exec_cmd: str | None = None
     # --sandbox: `pyvmm run` confines itself with seccomp before the first KVM_RUN (pyvmm.sandbox)
     sandbox: bool = True
+    # --gdb [HOST:]PORT: serve the GDB remote protocol there (pyvmm.gdb); --gdb-wait: the guest starts
+    # stopped and runs when gdb says so
+    gdb: str | None = None
+    gdb_wait: bool = False
     debug: DebugKnobs = field(default_factory=DebugKnobs.from_environ)
 
     def __post_init__(self) -> None:
@@ -228,3 +253,6 @@ class VmConfig:
         check_choice("workarounds mode", self.workarounds, WORKAROUND_MODES)
         check_choice("devices-via", self.devices_via, DEVICES_VIA)
         check_exec(self.exec_cmd)
+        check_gdb(self.gdb)
+        if self.gdb_wait and self.gdb is None:
+            raise ConfigError("--gdb-wait needs --gdb [HOST:]PORT: there is nothing to wait for without it")

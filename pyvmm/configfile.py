@@ -37,6 +37,7 @@ from pyvmm.config import (
     check_choice,
     check_console,
     check_cpus,
+    check_gdb,
     check_memory,
     check_timeout,
     parse_memory,
@@ -65,6 +66,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "verbose": _check_verbose,
     "trace": parse_selectors,
     "exec": check_exec,
+    "gdb": check_gdb,
 }
 
 
@@ -91,10 +93,14 @@ class RunSettings:
     stats: bool = False
     exec: str | None = None
     sandbox: bool = True
+    gdb: str | None = None
+    gdb_wait: bool = False
 
     def __post_init__(self) -> None:
         for key, check in CHECKS.items():
             check(getattr(self, FILE_KEYS[key]))
+        if self.gdb_wait and self.gdb is None:
+            raise ConfigError("--gdb-wait needs --gdb [HOST:]PORT: there is nothing to wait for without it")
 
     def vm_config(self) -> VmConfig:
         """The VM configuration (raises :class:`ConfigError` when no kernel was given)."""
@@ -105,7 +111,7 @@ class RunSettings:
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
             timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
             trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats, exec_cmd=self.exec,
-            sandbox=self.sandbox,
+            sandbox=self.sandbox, gdb=self.gdb, gdb_wait=self.gdb_wait,
         )
 
     def to_toml(self, *, header: str = "") -> str:
@@ -136,6 +142,8 @@ class RunSettings:
         put("stats", self.stats)
         put("exec", self.exec, " (the guest's init runs as it likes)")
         put("sandbox", self.sandbox)
+        put("gdb", self.gdb, " (no gdb server)")
+        put("gdb-wait", self.gdb_wait)
         for disk in self.disks:
             out += ["", "[[disk]]"]
             put("path", _abs(disk.path))
@@ -188,7 +196,7 @@ FILE_KEYS = {
     "disk": "disks", "console": "console", "boot": "boot", "workarounds": "workarounds",
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
     "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats", "exec": "exec",
-    "sandbox": "sandbox",
+    "sandbox": "sandbox", "gdb": "gdb", "gdb-wait": "gdb_wait",
 }
 
 
@@ -237,7 +245,7 @@ def _path(value: object, base: Path, where: str) -> Path:
 def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
     if key in ("kernel", "initrd", "trace-file"):
         return _path(value, base, where)
-    if key in ("cmdline", "boot", "workarounds", "devices-via", "exec"):
+    if key in ("cmdline", "boot", "workarounds", "devices-via", "exec", "gdb"):
         _need(isinstance(value, str), where, "a string", value)
         return value
     if key == "console":
@@ -259,7 +267,7 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         _need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
               and value > 0, where, "a positive number of seconds", value)
         return float(cast(float, value))
-    if key in ("panic-exit", "quiet", "stats", "sandbox"):
+    if key in ("panic-exit", "quiet", "stats", "sandbox", "gdb-wait"):
         _need(isinstance(value, bool), where, "true or false", value)
         return value
     if key == "trace":

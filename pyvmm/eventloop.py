@@ -21,6 +21,7 @@ class EventLoop:
         self._stopped = False
         self.add(self.stop_fd.fd, self._on_stop)
         self._timers: list[tuple[float, Callable[[], None]]] = []
+        self._frozen_at: float | None = None
 
     def add(self, fd: int, handler: Callable[[], None]) -> None:
         self._epoll.register(fd, select.EPOLLIN)
@@ -35,6 +36,18 @@ class EventLoop:
         self._timers.append((when, fn))
         self._timers.sort(key=lambda t: t[0])
 
+    def freeze(self) -> None:
+        """Hold every timer (a guest stopped in a debugger): none fires until :meth:`thaw`, which moves
+        each one later by the time the loop was frozen.  File descriptors are served as before."""
+        if self._frozen_at is None:
+            self._frozen_at = time.monotonic()
+
+    def thaw(self) -> None:
+        if self._frozen_at is not None:
+            held = time.monotonic() - self._frozen_at
+            self._frozen_at = None
+            self._timers = [(when + held, fn) for when, fn in self._timers]
+
     def stop(self) -> None:
         """Thread-safe: make :meth:`run` return."""
         self.stop_fd.write(1)
@@ -46,14 +59,14 @@ class EventLoop:
     def run(self) -> None:
         while not self._stopped:
             timeout = -1.0
-            if self._timers:
+            if self._timers and self._frozen_at is None:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
             for fd, _ in self._epoll.poll(timeout):
                 handler = self._handlers.get(fd)
                 if handler is not None:
                     handler()
             now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
+            while self._timers and self._timers[0][0] <= now and self._frozen_at is None:
                 _, fn = self._timers.pop(0)
                 fn()
 

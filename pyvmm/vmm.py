@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pyvmm.bus import Bus, Reader, Writer
 from pyvmm.coalescing import CoalescedWrites
@@ -84,6 +85,26 @@ class _Tables:
     pio_w: dict[int, Writer]
     mmio_r: dict[int, Reader]
     mmio_w: dict[int, Writer]
+
+
+class DebugHooks(Protocol):
+    """What a debugger (pyvmm.gdb.control.Debugger) needs from the vCPU loop; None in Vmm.debug costs nothing."""
+
+    def checkpoint(self, vcpu: VcpuFd) -> None:
+        """Before the first run and at every KVM_EXIT_INTR: park here while the debugger holds the VM."""
+
+    def debug_exit(self, vcpu: VcpuFd) -> None:
+        """KVM_EXIT_DEBUG: a breakpoint, watchpoint or single step."""
+
+    def emulation_failure(self, vcpu: VcpuFd) -> bool:
+        """True if an emulation failure was the debugger's breakpoint (then it is handled)."""
+        return False
+
+    def after_assist(self, vcpu: VcpuFd) -> None:
+        """The emulation assist performed an instruction."""
+
+    def vm_stopping(self) -> None:
+        """request_stop was called: release parked vCPUs."""
 
 
 class ArchExitHandler:
@@ -155,6 +176,7 @@ class Vmm:
         # it decides the result whatever the guest does next.
         self.panic_report: str | None = None
         self.sandboxed = False  # pyvmm.sandbox's filter is installed: a PermissionError may be its doing
+        self.debug: DebugHooks | None = None  # the gdb server's all-stop control (pyvmm.gdb), if any
         self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------
@@ -179,10 +201,22 @@ class Vmm:
             self._result = VmResult(status, reason, guest_status=guest_status if status == ExitStatus.OK else None)
             self._stop = True
             self.progress.mark_stop(time.monotonic())
+        self.kick_vcpus()
+        if self.debug is not None:
+            self.debug.vm_stopping()
+        self.loop.stop()
+
+    def kick_vcpus(self) -> None:
+        """Make every vCPU leave KVM_RUN soon (KVM_EXIT_INTR): ``immediate_exit`` and a signal."""
         for vcpu in self.vcpus:
             vcpu.kick()
         self._signal_vcpus()
-        self.loop.stop()
+
+    def flush_output(self) -> None:
+        """Replay the coalesced ring and write out the console buffer (from the event loop's thread)."""
+        if self.coalesced is not None:
+            self.coalesced.drain()
+        self.console.flush()
 
     def abandon(self) -> None:
         """Release everything without running (the VM was built but will not start)."""
@@ -206,6 +240,11 @@ class Vmm:
             if t.is_alive() and t.ident is not None:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
+
+    @property
+    def result(self) -> VmResult | None:
+        """How the VM ended, once a stop was requested."""
+        return self._result
 
     @property
     def stopping(self) -> bool:
@@ -377,6 +416,8 @@ class Vmm:
     # -- the vCPU loop -------------------------------------------------------------------------------
     def _vcpu_thread(self, vcpu: VcpuFd) -> None:
         try:
+            if self.debug is not None:
+                self.debug.checkpoint(vcpu)
             self._vcpu_loop(vcpu)
         except BaseException as err:
             log.debug("vCPU %d failed", vcpu.index, exc_info=True)
@@ -565,11 +606,20 @@ class Vmm:
                 progress.rip_due = False
                 progress.rip_before = self._pc(vcpu)
             exits["intr"] += 1
+            if self.debug is not None and not self.stopping:
+                self.debug.checkpoint(vcpu)
+        elif reason == abi.KVM_EXIT_DEBUG and self.debug is not None:
+            exits["debug"] += 1
+            self.debug.debug_exit(vcpu)
         elif reason == abi.KVM_EXIT_INTERNAL_ERROR:
             exits["internal_error"] += 1
+            if self.debug is not None and self.debug.emulation_failure(vcpu):
+                return
             stop = self.arch.internal_error(vcpu)
             if stop is not None:
                 self.request_stop(*stop)
+            elif self.debug is not None:
+                self.debug.after_assist(vcpu)
         elif reason == abi.KVM_EXIT_SHUTDOWN:
             exits["shutdown"] += 1
             self.request_stop(ExitStatus.OK, "guest reset (triple fault)")

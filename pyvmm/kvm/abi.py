@@ -127,6 +127,16 @@ KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_SPLIT_IRQCHIP = 121
 KVM_CAP_ONE_REG = 70
 KVM_CAP_DEVICE_CTRL = 89
+# Guest debugging (api.rst 4.59 "KVM_SET_GUEST_DEBUG"): GUEST_DEBUG2 returns the control flags this KVM
+# supports; the arm64 ones return how many hardware breakpoints and watchpoints it has.
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_GUEST_DEBUG_HW_BPS = 119
+KVM_CAP_GUEST_DEBUG_HW_WPS = 120
+KVM_CAP_SET_GUEST_DEBUG2 = 195
+
+# kvm_guest_debug.control, the flags every architecture has (the others are in abi_x86_64/abi_arm64)
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

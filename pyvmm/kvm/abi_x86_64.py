@@ -250,6 +250,42 @@ class kvm_mp_state(AbiStruct):
     _fields_ = [("mp_state", u32)]
 
 
+# KVM_SET_GUEST_DEBUG and KVM_EXIT_DEBUG (linux/kvm.h struct kvm_guest_debug; asm/kvm.h for x86: the
+# debug registers DR0-DR7, of which KVM uses DR0-3 and DR7, and the exit's exception vector and DR6/DR7)
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
+
+
+@checked(64)
+class kvm_guest_debug_arch(AbiStruct):
+    __slots__ = ()
+    _fields_ = [("debugreg", u64 * 8)]
+
+
+@checked(72)
+class kvm_guest_debug(AbiStruct):
+    __slots__ = ()
+    _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
+
+
+@checked(32)
+class kvm_debug_exit_arch(AbiStruct):
+    __slots__ = ()
+    _fields_ = [("exception", u32), ("pad", u32), ("pc", u64), ("dr6", u64), ("dr7", u64)]
+
+
+@checked(48)
+class kvm_clock_data(AbiStruct):
+    """KVM_GET_CLOCK/KVM_SET_CLOCK: the VM's kvmclock in nanoseconds (api.rst 4.62/4.63)."""
+
+    __slots__ = ()
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64), ("host_tsc", u64),
+                ("pad", u32 * 4)]
+
+
 _ = s32  # re-exported type alias used by callers building flexible arrays
 
 KVM_GET_MSR_INDEX_LIST = iowr(KVMIO, 0x02, kvm_msr_list_header)
@@ -273,5 +309,8 @@ KVM_GET_MP_STATE = ior(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = iow(KVMIO, 0x99, kvm_mp_state)
 KVM_GET_XSAVE = ior(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = iow(KVMIO, 0xA5, kvm_xsave)
+KVM_SET_CLOCK = iow(KVMIO, 0x7B, kvm_clock_data)
+KVM_GET_CLOCK = ior(KVMIO, 0x7C, kvm_clock_data)
+KVM_SET_GUEST_DEBUG = iow(KVMIO, 0x9B, kvm_guest_debug)
 KVM_GET_VCPU_EVENTS = ior(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = iow(KVMIO, 0xA0, kvm_vcpu_events)

@@ -27,6 +27,9 @@ mount -t overlay overlay -o lowerdir=/tmp,upperdir=/run/lab/tmp-upper,workdir=/r
     || mount -t tmpfs -o mode=1777 tmpfs /tmp
 chmod 1777 /tmp
 
+# Loopback up: tests talk to a VM over 127.0.0.1 (pyvmm run --gdb).  The host's ip, else busybox's.
+ip link set lo up 2>/dev/null || busybox ip link set lo up 2>/dev/null || busybox ifconfig lo 127.0.0.1 up 2>/dev/null
+
 fail() {
     echo "PYVMM-LAB: error: $*"
     echo "PYVMM-LAB: exit 125"

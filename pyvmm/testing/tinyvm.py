@@ -6,7 +6,8 @@ event loop, :class:`~pyvmm.vmm.Vmm` with the x86 exit handler), minus the kernel
 devices.  The serial port is a byte recorder (or the device a test passes as ``com1``), and a write to
 ``layout.DEBUG_EXIT_PORT`` stops the VM.  ``coalesced_pio=True`` registers COM1's THR as a coalesced
 port zone as the real VMM does (where KVM can; :attr:`TinyVm.coalesced` is None where it cannot), and
-``stats=True`` runs the counting vCPU loop (``TinyResult.stats``).
+``stats=True`` runs the counting vCPU loop (``TinyResult.stats``), and ``gdb=True`` serves the GDB
+remote protocol on a free loopback port (``gdb_port``) with the guest stopped at its entry.
 A test adds its own devices and eventfds before :meth:`TinyVm.run`::
 
     with TinyVm(Path("firmware/out/pio.bin")) as vm:
@@ -25,12 +26,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyvmm.arch.x86_64 import cpu, hostkvm, layout, machine
+from pyvmm.arch.x86_64 import cpu, debugprobe, hostkvm, layout, machine
+from pyvmm.arch.x86_64.gdbtarget import X86DebugTarget
 from pyvmm.bus import Bus, BusDevice
 from pyvmm.coalescing import coalesce_port_writes
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
 from pyvmm.exitstats import ExitStats
+from pyvmm.gdb.control import Debugger
+from pyvmm.gdb.server import GdbServer
 from pyvmm.interrupt import EventFd
 from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
@@ -131,7 +135,7 @@ class TinyVm:
     def __init__(self, binary: Path | bytes, *, memory: int = DEFAULT_MEMORY, assist: bool | None = None,
                  timeout: float = DEFAULT_TIMEOUT, symbols: Path | None = None, stats: bool = False,
                  coalesced_pio: bool = False, com1: BusDevice | None = None,
-                 console: ConsoleOutput | None = None) -> None:
+                 console: ConsoleOutput | None = None, gdb: bool = False) -> None:
         self.host = hostkvm.detect()
         self.assist = self.host.software if assist is None else assist
         self.debug_exit_value: int | None = None
@@ -143,6 +147,8 @@ class TinyVm:
         try:
             self._build(stack, image, memory, timeout, stats=stats, coalesced_pio=coalesced_pio, com1=com1,
                         console=console)
+            if gdb:
+                self._attach_gdb(stack)
         except BaseException:
             stack.close()
             raise
@@ -182,6 +188,21 @@ class TinyVm:
                           if coalesced_pio else None)
         self.vmm = Vmm([vcpu], self.pio, self.mmio, self.loop, console or ConsoleOutput(None), self.exit_handler,
                        stack, timeout=timeout, stats=stats, coalesced=self.coalesced)
+
+    def _attach_gdb(self, stack: contextlib.ExitStack) -> None:
+        """The gdb server on a free loopback port (:attr:`gdb_port`), the guest stopped until gdb continues it."""
+        target = X86DebugTarget(self.mem, self.vm, debugprobe.probe())
+        vmm = self.vmm
+        self.debugger = Debugger(vmm.vcpus, self.mem, target, self.loop, kick=vmm.kick_vcpus,
+                                 stopping=lambda: vmm.stopping, start_paused=True, on_pause=vmm.flush_output)
+        stack.callback(self.debugger.close)
+        self.gdb = GdbServer(self.debugger, target, self.loop, host="127.0.0.1", port=0,
+                             kill=lambda why: vmm.request_stop(ExitStatus.STOPPED, why),
+                             exit_code=lambda: vmm.result.exit_code if vmm.result is not None else 0)
+        stack.callback(self.gdb.close)
+        vmm.debug = self.debugger
+        vmm.on_stop.append(self.gdb.vm_ended)
+        self.gdb_port = self.gdb.address[1]
 
     # -- what a test adds before the run --------------------------------------------------------------
     def add_pio(self, port: int, size: int, device: BusDevice, name: str) -> None:

@@ -140,7 +140,25 @@ INVALID: list[tuple[list[str], str, str]] = [
     (["--console", "file:"], "console = 'file:'\n", "console 'file:' needs a path"),
     (["--console", "tcp:1"], "console = 'tcp:1'\n", "bad console"),
     (["--disk", "path=x.img,snapshot=maybe"], "disk = ['path=x.img,snapshot=maybe']\n", "bad value 'maybe' for snapshot"),
+    (["--gdb", "localhost:gdb"], "gdb = 'localhost:gdb'\n", "bad gdb address 'localhost:gdb': expected \\[HOST:\\]PORT"),
+    (["--gdb", "70000"], "gdb = '70000'\n", "port 70000 is outside 0-65535"),
+    (["--gdb-wait"], "gdb-wait = true\n", "--gdb-wait needs --gdb"),
 ]
+
+
+def test_gdb_port_in_use_is_one_line(tmp_path: Path, kvm: None) -> None:
+    """Needs /dev/kvm: the gdb server's socket is opened once the VM exists."""
+    import socket
+
+    from pyvmm.testing.kernels import make_elf
+
+    kernel = _write(tmp_path, "vmlinux", make_elf([(0x1000000, b"\xf4" * 4096, 0x2000)], 0x1000000))
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        proc = _pyvmm("run", "--kernel", str(kernel), "--gdb", str(port), "--timeout", "5")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--gdb {port}: cannot listen on 127.0.0.1 port {port}: Address already in use" in proc.stderr
 
 
 @pytest.mark.parametrize("entry", ["run", "config --print", "run --config"])

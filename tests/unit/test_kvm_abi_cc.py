@@ -50,6 +50,9 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "kvm_vcpu_events": (x86.kvm_vcpu_events, "struct kvm_vcpu_events"),
     "kvm_translation": (x86.kvm_translation, "struct kvm_translation"),
     "kvm_mp_state": (x86.kvm_mp_state, "struct kvm_mp_state"),
+    "kvm_guest_debug": (x86.kvm_guest_debug, "struct kvm_guest_debug"),
+    "kvm_debug_exit_arch": (x86.kvm_debug_exit_arch, "struct kvm_debug_exit_arch"),
+    "kvm_clock_data": (x86.kvm_clock_data, "struct kvm_clock_data"),
 }
 if hasattr(x86, "kvm_xsave"):
     STRUCTS["kvm_xsave"] = (x86.kvm_xsave, "struct kvm_xsave")
