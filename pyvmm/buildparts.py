@@ -186,7 +186,8 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
         stack.callback(device.close)
         name = f"vd{chr(ord('a') + index)}"
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
-        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq, deferred_irqfds), trace=trace)
+        transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq, deferred_irqfds), trace=trace,
+                                        version=config.virtio_mmio_version)
         mmio.add(base, window, transport, f"virtio-blk{index}")
         for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
             efd = EventFd()
@@ -197,7 +198,8 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
             cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
         mode = (" (read-only)" if disk_cfg.readonly
                 else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
-        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}")
+        legacy = " (legacy virtio-mmio version 1)" if transport.legacy else ""
+        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}{legacy}")
 
 
 def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:

@@ -93,6 +93,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "that refuses what a running VMM never needs (starting programs, fork, ptrace, mount, "
                         "module and kexec loading, bpf, new sockets...); a refused call fails with EPERM and "
                         "the exit reason says so.  off: no filter")
+    p.add_argument("--virtio-mmio-version", type=int, metavar="1|2",
+                   help="the virtio-mmio transport of the disks: 2 (default; virtio 1.x) or 1, the legacy "
+                        "register file with page-based queues (virtio 1.2 section 4.2.4) that older guests and "
+                        "kvmtool use")
     p.add_argument("--gdb", metavar="[HOST:]PORT",
                    help="serve the GDB remote protocol on PORT (loopback unless HOST is given; another host "
                         "is reachable by anyone who can reach this machine, and pyvmm warns): `gdb vmlinux` "

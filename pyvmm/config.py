@@ -110,6 +110,15 @@ def parse_gdb_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+VIRTIO_MMIO_VERSIONS = (1, 2)
+
+
+def check_virtio_mmio_version(version: int) -> int:
+    if version not in VIRTIO_MMIO_VERSIONS or isinstance(version, bool):
+        raise ConfigError(f"bad virtio-mmio version {version!r}: expected 1 (legacy) or 2")
+    return version
+
+
 def check_gdb(text: str | None) -> str | None:
     if text is not None:
         parse_gdb_address(text)
@@ -242,6 +251,8 @@ class VmConfig:
     # stopped and runs when gdb says so
     gdb: str | None = None
     gdb_wait: bool = False
+    # --virtio-mmio-version: 2 (virtio 1.x) or 1 (the legacy transport of virtio 1.2 §4.2.4)
+    virtio_mmio_version: int = 2
     debug: DebugKnobs = field(default_factory=DebugKnobs.from_environ)
 
     def __post_init__(self) -> None:
@@ -254,5 +265,6 @@ class VmConfig:
         check_choice("devices-via", self.devices_via, DEVICES_VIA)
         check_exec(self.exec_cmd)
         check_gdb(self.gdb)
+        check_virtio_mmio_version(self.virtio_mmio_version)
         if self.gdb_wait and self.gdb is None:
             raise ConfigError("--gdb-wait needs --gdb [HOST:]PORT: there is nothing to wait for without it")

@@ -40,6 +40,7 @@ from pyvmm.config import (
     check_gdb,
     check_memory,
     check_timeout,
+    check_virtio_mmio_version,
     parse_memory,
 )
 from pyvmm.errors import ConfigError
@@ -67,6 +68,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "trace": parse_selectors,
     "exec": check_exec,
     "gdb": check_gdb,
+    "virtio-mmio-version": check_virtio_mmio_version,
 }
 
 
@@ -95,6 +97,7 @@ class RunSettings:
     sandbox: bool = True
     gdb: str | None = None
     gdb_wait: bool = False
+    virtio_mmio_version: int = 2
 
     def __post_init__(self) -> None:
         for key, check in CHECKS.items():
@@ -111,7 +114,7 @@ class RunSettings:
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
             timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
             trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats, exec_cmd=self.exec,
-            sandbox=self.sandbox, gdb=self.gdb, gdb_wait=self.gdb_wait,
+            sandbox=self.sandbox, gdb=self.gdb, gdb_wait=self.gdb_wait, virtio_mmio_version=self.virtio_mmio_version,
         )
 
     def to_toml(self, *, header: str = "") -> str:
@@ -144,6 +147,7 @@ class RunSettings:
         put("sandbox", self.sandbox)
         put("gdb", self.gdb, " (no gdb server)")
         put("gdb-wait", self.gdb_wait)
+        put("virtio-mmio-version", self.virtio_mmio_version)
         for disk in self.disks:
             out += ["", "[[disk]]"]
             put("path", _abs(disk.path))
@@ -196,7 +200,7 @@ FILE_KEYS = {
     "disk": "disks", "console": "console", "boot": "boot", "workarounds": "workarounds",
     "timeout": "timeout", "panic-exit": "panic_exit", "trace": "trace", "trace-file": "trace_file",
     "verbose": "verbose", "quiet": "quiet", "devices-via": "devices_via", "stats": "stats", "exec": "exec",
-    "sandbox": "sandbox", "gdb": "gdb", "gdb-wait": "gdb_wait",
+    "sandbox": "sandbox", "gdb": "gdb", "gdb-wait": "gdb_wait", "virtio-mmio-version": "virtio_mmio_version",
 }
 
 
@@ -259,6 +263,9 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         _need(isinstance(value, str | int) and not isinstance(value, bool), where,
               "a size such as \"512M\" (or a number of MiB)", value)
         return parse_memory(str(value))
+    if key == "virtio-mmio-version":
+        _need(isinstance(value, int) and not isinstance(value, bool), where, "1 or 2", value)
+        return value
     if key in ("cpus", "verbose"):
         _need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, where,
               "a non-negative integer", value)

@@ -219,3 +219,35 @@ def setup_device(
         transport.write(_QREADY, 4, 1)
     transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
     return accepted
+
+
+# Legacy virtio-mmio (version 1) registers (§4.2.4), mirrored as well.
+_GUEST_PAGE_SIZE, _QALIGN, _QPFN = 0x28, 0x3C, 0x40
+
+
+def setup_legacy_device(transport: MmioTransport, queues: Sequence[DriverQueue], *, page_size: int = 4096,
+                        mask: int = -1) -> int:
+    """Initialise a legacy (version 1) virtio-mmio device as a legacy driver does (§4.2.4, §3.1.2: no
+    FEATURES_OK) and return the features it accepted.  Each queue's area must start on a page and use
+    the layout of §2.7.2 with its used ring aligned to 4096 (what :class:`DriverQueue` lays out)."""
+    transport.write(_STATUS, 4, 0)
+    transport.write(_STATUS, 4, ACKNOWLEDGE)
+    transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER)
+    transport.write(_DEV_FEAT_SEL, 4, 0)
+    accepted = transport.read(_DEV_FEAT, 4) & mask & 0xFFFFFFFF
+    transport.write(_DRV_FEAT_SEL, 4, 0)
+    transport.write(_DRV_FEAT, 4, accepted)
+    transport.write(_GUEST_PAGE_SIZE, 4, page_size)
+    for i, q in enumerate(queues):
+        if q.desc_addr % page_size:
+            raise SetupError(f"queue {i}: area at {q.desc_addr:#x} is not on a {page_size}-byte page")
+        transport.write(_QSEL, 4, i)
+        if transport.read(_QPFN, 4) != 0:
+            raise SetupError(f"queue {i} is already in use")
+        if transport.read(_QNUM_MAX, 4) < q.size:
+            raise SetupError(f"queue {i}: device maximum is below {q.size}")
+        transport.write(_QNUM, 4, q.size)
+        transport.write(_QALIGN, 4, 4096)
+        transport.write(_QPFN, 4, q.desc_addr // page_size)
+    transport.write(_STATUS, 4, ACKNOWLEDGE | DRIVER | DRIVER_OK)
+    return accepted

@@ -74,3 +74,23 @@ def test_read_only_disk_mounts_read_only(boot: Boot, images: Path, rootfs: Path)
         vm.explain()
     assert "Run /init as init process" in vm.console_text, vm.explain()
     assert _sha256(rootfs) == digest  # not one byte written
+
+
+def test_root_on_the_legacy_virtio_mmio_transport(boot: Boot, images: Path, rootfs: Path,
+                                                  software_kvm: bool) -> None:
+    """The same read-write root on a version 1 (legacy, virtio 1.2 §4.2.4) device: Linux's virtio_mmio
+    driver takes its legacy path (GuestPageSize, QueuePFN) from the Version register, and a device that
+    answers only those registers works only if that path is right."""
+    before = _mount_count(rootfs)
+    vm: VM = boot(initrd=None, memory="256M", disks=[f"path={rootfs}"], cmdline=f"{ROOT_ARGS} rw",
+                  extra_args=["--virtio-mmio-version", "1"])
+    console = vm.console_text
+    assert "(legacy virtio-mmio version 1)" in vm.log, vm.explain()
+    assert re.search(r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks", console), vm.explain()
+    assert re.search(r"VFS: Mounted root \(ext4 filesystem\) on device 254:0", console), vm.explain()
+    assert "Run /init as init process" in console, vm.explain()
+    if not software_kvm:
+        assert "PYVMM-INIT: vda present" in console and vm.status == 0, vm.explain()
+    assert _mount_count(rootfs) == before + 1
+    fsck = subprocess.run(["e2fsck", "-fn", str(rootfs)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

@@ -143,6 +143,7 @@ INVALID: list[tuple[list[str], str, str]] = [
     (["--gdb", "localhost:gdb"], "gdb = 'localhost:gdb'\n", "bad gdb address 'localhost:gdb': expected \\[HOST:\\]PORT"),
     (["--gdb", "70000"], "gdb = '70000'\n", "port 70000 is outside 0-65535"),
     (["--gdb-wait"], "gdb-wait = true\n", "--gdb-wait needs --gdb"),
+    (["--virtio-mmio-version", "3"], "virtio-mmio-version = 3\n", "invalid choice: 3|bad virtio-mmio version 3"),
 ]
 
 

@@ -1,9 +1,17 @@
-"""The virtio-mmio transport, version 2 (virtio 1.2 §4.2), and the :class:`VirtioDevice` base.
+"""The virtio-mmio transport (virtio 1.2 §4.2): version 2, and the legacy version 1 of §4.2.4.
 
 :class:`VirtioMmioTransport` is a bus device (``read``/``write`` at offsets into its 0x200-byte
 window) that implements the register layout of §4.2.2, the device status state machine of §2.1 / §3.1
 and the feature negotiation of §2.2, and hands configured :class:`~.queue.Virtqueue` objects to a
 :class:`VirtioDevice` (block, ...).
+
+``version=1`` gives the legacy register file instead (§4.2.4 "Legacy interface"): the driver writes
+GuestPageSize once, then per queue QueueNum, QueueAlign and QueuePFN, the page number of one contiguous
+area holding the descriptor table, the available ring and, at the next QueueAlign boundary, the used ring
+(§2.7.2 "Legacy Interfaces: A Note on Virtqueue Layout").  A non-zero QueuePFN makes the queue live, 0
+stops it.  A legacy device does not offer VIRTIO_F_VERSION_1, and its driver sets DRIVER_OK without
+FEATURES_OK (§3.1.2).  The version 2 registers (QueueReady, the queue address registers, shared memory,
+ConfigGeneration) do not exist there and read 0, and the legacy ones do not exist in version 2.
 
 Threads: register accesses arrive on a vCPU thread; queue processing (:meth:`notify`) runs on the
 event-loop thread, or on the vCPU thread when QueueNotify is written and no ioeventfd catches it.
@@ -75,6 +83,15 @@ REG_CONFIG = 0x100  # device-specific configuration space starts here
 
 MAGIC_VALUE = 0x74726976
 MMIO_VERSION = 2
+LEGACY_VERSION = 1
+MMIO_VERSIONS = (LEGACY_VERSION, MMIO_VERSION)
+# §4.2.4: QueueAlign before the driver writes one; what Linux writes (its PAGE_SIZE) and QEMU assumes
+LEGACY_DEFAULT_ALIGN = 4096
+_VERSION_2_ONLY = frozenset((REG_QUEUE_READY, REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, REG_QUEUE_DRIVER_LOW,
+                             REG_QUEUE_DRIVER_HIGH, REG_QUEUE_DEVICE_LOW, REG_QUEUE_DEVICE_HIGH, REG_SHM_SEL,
+                             REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH, REG_SHM_BASE_LOW, REG_SHM_BASE_HIGH,
+                             REG_QUEUE_RESET, REG_CONFIG_GENERATION))
+_LEGACY_ONLY = frozenset((REG_GUEST_PAGE_SIZE, REG_QUEUE_ALIGN, REG_QUEUE_PFN))
 VENDOR_ID = 0x4D565950  # "PYVM" little-endian; §4.2.2 leaves it to the implementation
 
 # §4.2.2 InterruptStatus bits.
@@ -93,7 +110,7 @@ _DRIVER_STATUS_BITS = (
 )
 
 class VirtioMmioTransport:
-    """A virtio-mmio (version 2) register window in front of a :class:`VirtioDevice`."""
+    """A virtio-mmio register window (version 2, or the legacy version 1) in front of a :class:`VirtioDevice`."""
 
     def __init__(
         self,
@@ -102,7 +119,15 @@ class VirtioMmioTransport:
         irq: IrqLine,
         *,
         trace: TraceHook | None = None,
+        version: int = MMIO_VERSION,
     ) -> None:
+        if version not in MMIO_VERSIONS:
+            raise ValueError(f"virtio-mmio version {version}: expected 1 (legacy) or 2")
+        self.version = version
+        self.legacy = version == LEGACY_VERSION
+        # Legacy: written once by the driver when it finds the device, before any reset; a reset keeps it
+        # (§4.2.4 lists only QueuePFN among what a reset clears), as Linux writes it only at probe.
+        self.guest_page_size = 0
         self.device = device
         self.mem = mem
         self.irq = irq
@@ -125,6 +150,8 @@ class VirtioMmioTransport:
         self.shm_sel = 0
         self.activated = False
         self._live_queues: set[int] = set()  # the queues that were ready at DRIVER_OK
+        self.queue_pfn = [0] * len(self.queues)  # legacy QueuePFN per queue
+        self.queue_align = [LEGACY_DEFAULT_ALIGN] * len(self.queues)  # legacy QueueAlign per queue
         for q in self.queues:
             q.reset()
 
@@ -149,10 +176,15 @@ class VirtioMmioTransport:
         if size != 4 or offset % 4:
             return
         value &= 0xFFFFFFFF
+        if offset in (_LEGACY_ONLY if not self.legacy else _VERSION_2_ONLY):
+            return  # not a register of this version
         if offset == REG_QUEUE_NOTIFY:
             self.notify(value)
         elif offset == REG_STATUS:
             self._write_status(value)
+        elif offset == REG_QUEUE_PFN:
+            with self._process_lock, self._lock:
+                self._write_queue_pfn(value)
         elif offset == REG_QUEUE_READY:
             # The process lock first: once a write of 0 returns, no processing of that queue is in flight.
             with self._process_lock, self._lock:
@@ -161,19 +193,29 @@ class VirtioMmioTransport:
             with self._lock:
                 self._write_register(offset, value)
 
+    @property
+    def device_features(self) -> int:
+        """What the device offers through this transport: a legacy device is not a virtio 1.x one."""
+        features = self.device.device_features
+        return features & ~VIRTIO_F_VERSION_1 if self.legacy else features
+
     def _read_register(self, offset: int) -> int:
+        if offset in (_LEGACY_ONLY if not self.legacy else _VERSION_2_ONLY):
+            return 0  # not a register of this version
         if offset == REG_MAGIC_VALUE:
             return MAGIC_VALUE
         if offset == REG_VERSION:
-            return MMIO_VERSION
+            return self.version
         if offset == REG_DEVICE_ID:
             return self.device.device_id
         if offset == REG_VENDOR_ID:
             return VENDOR_ID
         if offset == REG_DEVICE_FEATURES:
             sel = self.device_features_sel
-            return self.device.device_features >> (32 * sel) if sel < 2 else 0
+            return self.device_features >> (32 * sel) if sel < 2 else 0
         q = self._selected_queue()
+        if offset == REG_QUEUE_PFN:
+            return self.queue_pfn[self.queue_sel] if q else 0
         if offset == REG_QUEUE_NUM_MAX:
             return q.max_size if q else 0
         if offset == REG_QUEUE_READY:
@@ -210,8 +252,53 @@ class VirtioMmioTransport:
                 self.trace(f"ack value={value:#x} status={self.interrupt_status:#x}")
         elif offset == REG_SHM_SEL:
             self.shm_sel = value
+        elif offset == REG_GUEST_PAGE_SIZE:
+            self.guest_page_size = value
+        elif offset == REG_QUEUE_ALIGN:
+            q = self._selected_queue()
+            if q is not None and not q.ready:
+                self.queue_align[self.queue_sel] = value
         else:
             self._write_queue_register(offset, value)
+
+    def _write_queue_pfn(self, value: int) -> None:
+        """Legacy QueuePFN (§4.2.4): the queue's area starts at page ``value``; 0 stops the queue."""
+        q = self._selected_queue()
+        if q is None:
+            return
+        index = self.queue_sel
+        if value == 0:
+            q.ready = False
+            self.queue_pfn[index] = 0
+            return
+        if q.ready or (self.status & STATUS_DRIVER_OK and index not in self._live_queues):
+            return  # as with QueueReady: a live queue keeps its layout; after DRIVER_OK no new queue
+        page, align = self.guest_page_size, self.queue_align[index]
+        problem = None
+        if page == 0 or page & (page - 1):
+            problem = f"GuestPageSize {page} is not a power of two"
+        elif align == 0 or align & (align - 1):
+            problem = f"QueueAlign {align} is not a power of two"
+        if problem is None:
+            # §2.7.2: desc[size] (16 B each), then avail (flags, idx, ring[size], used_event: 6 + 2 * size
+            # bytes), then used (flags, idx, ring[size], avail_event) at the next multiple of QueueAlign
+            q.desc_addr = value * page
+            q.avail_addr = q.desc_addr + 16 * q.size
+            q.used_addr = (q.avail_addr + 6 + 2 * q.size + align - 1) & ~(align - 1)
+            problem = q.validate() or self._ring_outside_ram(q)
+        if problem:
+            if self._warn_log.tick():
+                log.warning("virtio-mmio(%d): queue %d not made live: %s (%d guest errors so far)",
+                            self.device.device_id, index, problem, self._warn_log.count)
+            return
+        self.queue_pfn[index] = value
+        q.ready = True
+
+    def _ring_outside_ram(self, q: Virtqueue) -> str | None:
+        end = q.used_addr + 6 + 8 * q.size
+        if not self.mem.contains(q.desc_addr, end - q.desc_addr):
+            return f"queue area {q.desc_addr:#x}..{end:#x} is not in guest RAM"
+        return None
 
     def _write_queue_ready(self, value: int) -> None:
         """QueueReady (§4.2.2): reading it returns the last value written, and the device does not touch a
@@ -275,11 +362,12 @@ class VirtioMmioTransport:
             new = old | (value & _DRIVER_STATUS_BITS)
             if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and not self._features_acceptable():
                 new &= ~STATUS_FEATURES_OK  # §2.2.2: refused, the driver sees the bit clear on read-back
-            if new & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK:
+            if new & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK and not self.legacy:
                 new &= ~STATUS_DRIVER_OK  # §3.1.1: DRIVER_OK only after a successful FEATURES_OK
             if new & STATUS_DRIVER_OK and not self.activated:
                 self.activated = activate = True
-                features = self.driver_features
+                # A legacy driver has no FEATURES_OK to be refused with (§3.1.2): it gets what was offered
+                features = self.driver_features & self.device_features if self.legacy else self.driver_features
                 for q in self.queues:
                     q.event_idx = bool(features & VIRTIO_F_EVENT_IDX)
                     q.indirect = bool(features & VIRTIO_F_INDIRECT_DESC)
@@ -289,11 +377,13 @@ class VirtioMmioTransport:
             self.device.activate(self.mem, self.queues, features)
 
     def _features_acceptable(self) -> bool:
-        offered = self.device.device_features
-        return not self.driver_features & ~offered and bool(self.driver_features & VIRTIO_F_VERSION_1)
+        offered = self.device_features
+        return not self.driver_features & ~offered and (self.legacy or bool(self.driver_features & VIRTIO_F_VERSION_1))
 
     @property
     def negotiated_features(self) -> int:
+        if self.legacy:  # what the device was activated with: no FEATURES_OK refused the rest (§3.1.2)
+            return self.driver_features & self.device_features if self.status & STATUS_DRIVER_OK else 0
         return self.driver_features if self.status & STATUS_FEATURES_OK else 0
 
     def reset(self) -> None:
