@@ -51,7 +51,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs/initrd image")
     p.add_argument("--cmdline", metavar="TEXT",
                    help=f"kernel command line (default: {d.cmdline}); pyvmm appends reboot=k pci=off "
-                        "8250.nr_uarts=1 unless given, plus the devices and any host workarounds")
+                        "8250.nr_uarts=1 i8042.nokbd unless given, plus the devices and any host workarounds")
     p.add_argument("--memory", "-m", metavar="SIZE",
                    help=f"guest RAM, e.g. 512M or 2G (default: {format_size(d.memory)})")
     p.add_argument("--cpus", type=int, metavar="N", help=f"number of vCPUs (default: {d.cpus})")

@@ -6,7 +6,8 @@ commands that each expect an answer within ``I8042_CTL_TIMEOUT`` (10000) status 
 VM exit: so every command it sends gets its answer at once.  The model is a controller with a keyboard
 port and no mouse (AUX) port: the AUX loopback comes back as keyboard data and the AUX interface test
 reports a stuck clock line, which makes the driver give the AUX port up after two answers instead of two
-timeouts.  The keyboard itself never sends anything.  Status reads say "keyboard not inhibited" (no
+timeouts.  The keyboard itself never sends anything: there is none, and pyvmm says so on the kernel
+command line (``i8042.nokbd``), since a PS/2 command to a missing keyboard would wait for its timeout.  Status reads say "keyboard not inhibited" (no
 keylock warning) and never "input buffer full", so nothing polls forever (an unmodelled port reading 0xff
 would look permanently busy).  Commands and bits: include/linux/i8042.h and the IBM PS/2 hardware
 reference (8042 status register, command byte).
