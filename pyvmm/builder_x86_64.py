@@ -8,12 +8,12 @@ half-way releases what was made, in reverse order.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-from pyvmm.arch.x86_64 import debugprobe, hostkvm, layout, machine, mptable
+from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
 from pyvmm.arch.x86_64.acpi import tables as acpi_tables
 from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
 from pyvmm.arch.x86_64.cpu import get_supported_cpuid
-from pyvmm.arch.x86_64.gdbtarget import X86DebugTarget
 from pyvmm.buildparts import (
     BuildReport,
     add_exec_arg,
@@ -43,6 +43,11 @@ from pyvmm.loader.initrd import load_initrd
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import Vmm
 
+if TYPE_CHECKING:
+    from pyvmm.gdb.target import DebugTarget
+    from pyvmm.kvm.vm import VmFd
+    from pyvmm.memory import GuestMemory
+
 # Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
 # reboot through the keyboard controller (the VMM sees it), no PCI bus to probe, and no keyboard behind
 # that controller (pyvmm has none: its i8042 is there for the reset line).  Without i8042.nokbd Linux's
@@ -51,6 +56,14 @@ from pyvmm.vmm import Vmm
 # finish (wait_for_device_probe), which cost 0.8-0.9 s per boot in the KVM lab.
 DEFAULT_ARGS: tuple[tuple[str, str | None], ...] = (
     ("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"), ("i8042.nokbd", None))
+
+
+def _debug_target(mem: GuestMemory, vm: VmFd) -> DebugTarget:
+    """The gdb server's x86 side, with what this host's KVM really delivers (imported only for --gdb)."""
+    from pyvmm.arch.x86_64 import debugprobe
+    from pyvmm.arch.x86_64.gdbtarget import X86DebugTarget
+
+    return X86DebugTarget(mem, vm, debugprobe.probe())
 
 
 def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
@@ -137,6 +150,6 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     vmm.mem = mem  # type: ignore[attr-defined]
     vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
     vmm_ref.append(vmm)
-    attach_gdb(config, vmm, mem, lambda: X86DebugTarget(mem, vm, debugprobe.probe()), stack, report)
+    attach_gdb(config, vmm, mem, lambda: _debug_target(mem, vm), stack, report)
     return vmm
 

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pyvmm.bus import Bus
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_address
@@ -25,9 +26,6 @@ from pyvmm.devices.virtio.block import VirtioBlock
 from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
-from pyvmm.gdb.control import Debugger
-from pyvmm.gdb.server import GdbServer, is_loopback
-from pyvmm.gdb.target import DebugTarget
 from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
 from pyvmm.interrupt import EventFd, EventFdIrq
 from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
@@ -38,6 +36,9 @@ from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
 from pyvmm.trace import EVENT_CLASSES, Tracer
 from pyvmm.vmm import Vmm
+
+if TYPE_CHECKING:
+    from pyvmm.gdb.target import DebugTarget
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,13 @@ def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int,
 def attach_gdb(config: VmConfig, vmm: Vmm, mem: GuestMemory, make_target: Callable[[], DebugTarget],
                stack: contextlib.ExitStack, report: BuildReport) -> None:
     """``--gdb``: the GDB server on its socket (opened now, before the sandbox refuses new sockets) and
-    the all-stop control in the vCPU loop.  Nothing at all without ``--gdb``."""
+    the all-stop control in the vCPU loop.  Nothing at all without ``--gdb``: not even its imports, which
+    every run would pay for at start-up."""
     if config.gdb is None:
         return
+    from pyvmm.gdb.control import Debugger
+    from pyvmm.gdb.server import GdbServer, is_loopback
+
     host, port = parse_gdb_address(config.gdb)
     target = make_target()
     debugger = Debugger(vmm.vcpus, mem, target, vmm.loop, kick=vmm.kick_vcpus, stopping=lambda: vmm.stopping,

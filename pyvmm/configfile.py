@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -206,6 +205,7 @@ FILE_KEYS = {
 
 def load_file(path: Path) -> dict[str, Any]:
     """Read a config file into RunSettings field values (only the keys it sets)."""
+    import tomllib  # only with --config: its parser is most of the cost of importing it
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

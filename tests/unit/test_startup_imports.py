@@ -12,3 +12,12 @@ def test_run_path_leaves_out_the_heavy_libraries() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'lz4', 'zstandard', 'elftools')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_run_path_leaves_out_what_only_some_runs_need() -> None:
+    """The gdb server and the TOML parser are imported by the runs that use them (--gdb, --config)."""
+    code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pyvmm.gdb', 'pyvmm.arch.x86_64.gdbtarget', "
+            "'pyvmm.arch.x86_64.debugprobe', 'tomllib', 'socket'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
