@@ -28,6 +28,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -217,6 +218,64 @@ def measure(seconds: float, rounds: int, image: Path) -> list[Row]:
     return rows
 
 
+class QueueSet:
+    """One virtio-blk device with ``queues`` request queues, and a driver thread per queue that publishes
+    ``depth`` 4 KiB random reads at a time on its queue, notifies it and reaps them (the multiqueue case:
+    each queue served on the thread that notifies it, as pyvmm's queue workers do)."""
+
+    def __init__(self, image: Path, *, direct: bool, queues: int, depth: int) -> None:
+        self.mem = GuestMemory.single(queues * 8 * MiB)
+        self.disk = RawDisk(image, direct=direct)
+        self.dev = VirtioBlock(self.disk, queue_size=QSIZE, num_queues=queues)
+        self.t = VirtioMmioTransport(self.dev, self.mem, CountingIrq())
+        self.qs = [DriverQueue(self.mem, i * 8 * MiB + 0x10000, QSIZE, data_size=4 * MiB) for i in range(queues)]
+        setup_device(self.t, self.qs)
+        self.depth = depth
+        self.slots = [[(q.alloc(16, align=64), q.alloc(4096, align=4096), q.alloc(1, align=64)) for _ in range(depth)]
+                      for q in self.qs]
+
+    def close(self) -> None:
+        self.dev.close()
+        self.mem.close()
+
+    def run(self, seconds: float) -> float:
+        """Requests/s over all queues together, wall clock."""
+        counts = [0] * len(self.qs)
+        stop = time.perf_counter() + seconds
+
+        def drive(i: int) -> None:
+            q, rng = self.qs[i], random.Random(i)
+            while time.perf_counter() < stop:
+                for hdr, buf, status in self.slots[i]:
+                    self.mem.pack_into(HDR, hdr, VIRTIO_BLK_T_IN, 0, rng.randrange(IMAGE_SIZE // 4096) * 8)
+                    q.add_raw_chain([(hdr, 16, False), (buf, 4096, True), (status, 1, True)])
+                self.t.notify(i)
+                counts[i] += len(q.get_used())
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=drive, args=(i,)) for i in range(len(self.qs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+def measure_queues(seconds: float, rounds: int, image: Path) -> list[tuple[str, int, float]]:
+    """4 KiB random reads at QD 32 per queue, one queue and two, side by side (cache, queues, req/s)."""
+    out = []
+    for cache in ("page", "direct"):
+        for queues in (1, 2):
+            qs = QueueSet(image, direct=cache == "direct", queues=queues, depth=32)
+            try:
+                if cache == "direct" and not qs.disk.direct:
+                    break
+                out.append((cache, queues, statistics.median(qs.run(seconds) for _ in range(rounds))))
+            finally:
+                qs.close()
+    return out
+
+
 def profile(image: Path, seconds: float) -> str:
     """cProfile of the device's hot path: 4 KiB random reads at QD 32 through the page cache."""
     rig = Rig(image, direct=False, block=4 * KiB, depth=32)
@@ -271,16 +330,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     image = make_image(args.dir)
     try:
         rows = measure(args.seconds, args.rounds, image)
+        multi = measure_queues(args.seconds, args.rounds, image)
         prof = "" if args.no_profile else profile(image, 2.0)
     finally:
         image.unlink()
     print("virtio-blk device model vs its limit (median of rounds; device = time inside notify)")
     print(table(rows))
+    print("\n1 vs 2 request queues (VIRTIO_BLK_F_MQ), 4 KiB random reads, QD 32 per queue, a driver thread per"
+          " queue; requests/s, wall clock")
+    for cache, queues, rate in multi:
+        print(f"  {cache:7} {queues} queue{'s' if queues > 1 else ' '}  {rate:>12,.0f}/s")
     if prof:
         print("\nhot path (cProfile, 4 KiB random reads, QD 32, page cache; top by own time):")
         print("\n".join(prof.strip().splitlines()[:30]))
     result: dict[str, object] = {
         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+        "queues": [{"cache": c, "queues": n, "per_s": r} for c, n, r in multi],
         "fio": shutil.which("fio") is not None,
         "profile": prof,
     }

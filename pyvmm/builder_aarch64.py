@@ -86,7 +86,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     mmio.add(layout.PVPANIC_ADDR, PVPANIC_MMIO_SIZE, pvpanic, "pvpanic")
     mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
-                 window=layout.VIRTIO_MMIO_SIZE, cmdline=None, deferred_irqfds=irqfds)
+                 window=layout.VIRTIO_MMIO_SIZE, cmdline=None, deferred_irqfds=irqfds, stop=stop)
     report.cmdline = str(cmdline)
 
     fdt = build_device_tree(ram=ram, cpus=config.cpus, cmdline=report.cmdline, initrd=initrd,

@@ -111,7 +111,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
 
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
-                 window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None)
+                 window=layout.VIRTIO_MMIO_SIZE, cmdline=cmdline if config.devices_via != "acpi" else None,
+                 stop=stop)
     report.cmdline = str(cmdline)
     # Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables, always
     # (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the MADT).

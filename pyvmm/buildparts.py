@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import sys
 import threading
 from collections.abc import Callable
@@ -152,10 +153,15 @@ def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
 def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
                  stack: contextlib.ExitStack, report: BuildReport, *, slot: Callable[[int], tuple[int, int]],
                  window: int, cmdline: Cmdline | None, deferred_irqfds: list[tuple[int, int]] | None = None,
-                 ) -> None:
+                 stop: Callable[[ExitStatus, str], None] | None = None) -> None:
     """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window and interrupt from ``slot(index)``
     (the irqfd GSI: an IOAPIC pin on x86, an SPI number on arm64), an ioeventfd per queue on QueueNotify
-    (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument."""
+    (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument.
+
+    A disk has one request queue per vCPU unless its ``queues=`` says otherwise.  One queue is served on
+    the event loop; several are served each on a thread of its own (:class:`QueueWorker`), so that their
+    requests are processed at the same time (the disk I/O releases the GIL).  ``stop`` ends the VM when a
+    worker fails."""
     seen: dict[tuple[int, int], str] = {}
     # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
     use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and config.debug.ioeventfd
@@ -183,7 +189,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
             base, irq = slot(index)
         except ValueError as err:
             raise ConfigError(f"too many disks: {err}") from None
-        device = VirtioBlock.from_config(disk_cfg)
+        device = VirtioBlock.from_config(disk_cfg, num_queues=disk_cfg.queues or config.cpus)
         stack.callback(device.close)
         name = f"vd{chr(ord('a') + index)}"
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
@@ -194,13 +200,57 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
             efd = EventFd()
             stack.callback(efd.close)
             vm.ioeventfd(efd.fd, base + REG_QUEUE_NOTIFY, 4, datamatch=q)
-            loop.add(efd.fd, _notifier(efd, transport, q))
+            if device.num_queues == 1:
+                loop.add(efd.fd, _notifier(efd, transport, q))
+            else:
+                worker = QueueWorker(efd, transport, q, f"{name}.q{q}", stop)
+                stack.callback(worker.close)
+                worker.start()
         if cmdline is not None:
             cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
         mode = (" (read-only)" if disk_cfg.readonly
                 else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
         legacy = " (legacy virtio-mmio version 1)" if transport.legacy else ""
-        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}{legacy}")
+        queues = f", {device.num_queues} queues" if device.num_queues > 1 else ""
+        report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}{legacy}{queues}")
+
+
+class QueueWorker:
+    """Serves one virtqueue's ioeventfd on a thread of its own, until :meth:`close`."""
+
+    def __init__(self, efd: EventFd, transport: VirtioMmioTransport, queue: int, name: str,
+                 stop: Callable[[ExitStatus, str], None] | None) -> None:
+        self._efd = efd
+        self._transport = transport
+        self._queue = queue
+        self._stop_vm = stop
+        self._quit = EventFd()
+        self._thread = threading.Thread(target=self._run, name=f"virtio-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._efd.fd, select.POLLIN)
+        poller.register(self._quit.fd, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._quit.fd in ready:
+                    return
+                self._efd.read()  # reset the counter first: a notification racing with processing is not lost
+                self._transport.notify(self._queue, via="ioeventfd")
+        except Exception as err:  # a device bug: end the VM with it, as the event loop would
+            log.error("%s: %r", self._thread.name, err)
+            if self._stop_vm is not None:
+                self._stop_vm(ExitStatus.VMM_ERROR, f"{self._thread.name} failed: {err!r}")
+
+    def close(self) -> None:
+        self._quit.write(1)
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._quit.close()
 
 
 def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Callable[[], None]:

@@ -125,6 +125,16 @@ def check_gdb(text: str | None) -> str | None:
     return text
 
 
+MAX_DISK_QUEUES = 64
+
+
+def _parse_queues(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"bad disk queue count {text!r}: expected 1..{MAX_DISK_QUEUES}") from None
+
+
 def _parse_bool(key: str, value: str) -> bool:
     v = value.lower()
     if v in ("on", "yes", "true", "1"):
@@ -146,6 +156,8 @@ class DiskConfig:
     # Copy-on-write: the image is only read; the guest's writes go to a private overlay that is
     # discarded at exit (pyvmm.devices.virtio.snapshot).
     snapshot: bool = False
+    # virtio-blk request queues (VIRTIO_BLK_F_MQ when more than one); None: one per vCPU
+    queues: int | None = None
 
     def __post_init__(self) -> None:
         # Checked here, not only in parse(), so that a DiskConfig made in Python is held to the same rules.
@@ -156,10 +168,13 @@ class DiskConfig:
             raise ConfigError(f"bad cache mode {self.cache!r}: expected writeback or none")
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise ConfigError(f"disk serial {self.serial!r} is longer than 20 bytes (virtio-blk GET_ID limit)")
+        if self.queues is not None and (isinstance(self.queues, bool) or not 1 <= self.queues <= MAX_DISK_QUEUES):
+            raise ConfigError(f"bad disk queue count {self.queues!r}: expected 1..{MAX_DISK_QUEUES}")
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """Parse ``path=IMG[,readonly=on][,serial=ID][,cache=writeback|none][,discard=on|off][,snapshot=on|off]``.
+        """Parse ``path=IMG[,readonly=on][,serial=ID][,cache=writeback|none][,discard=on|off][,snapshot=on|off]
+        [,queues=N]``.
 
         A bare ``IMG`` (no ``=``) is accepted as the path.
         """
@@ -179,7 +194,7 @@ class DiskConfig:
     @classmethod
     def from_values(cls, values: dict[str, str], *, where: str) -> DiskConfig:
         """Build from ``--disk`` keys and their text values (also used for ``[[disk]]`` config tables)."""
-        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard", "snapshot"}
+        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard", "snapshot", "queues"}
         if unknown:
             raise ConfigError(f"unknown --disk key(s) {', '.join(sorted(unknown))} in {where}")
         if not values.get("path"):
@@ -192,6 +207,7 @@ class DiskConfig:
             cache=values.get("cache", "writeback"),
             discard=_parse_bool("discard", values.get("discard", "on")),
             snapshot=_parse_bool("snapshot", values.get("snapshot", "off")),
+            queues=_parse_queues(values["queues"]) if "queues" in values else None,
         )
 
 

@@ -156,6 +156,8 @@ class RunSettings:
             put("cache", disk.cache)
             put("discard", disk.discard)
             put("snapshot", disk.snapshot)
+            if disk.queues is not None:
+                put("queues", disk.queues)
         return "\n".join(out) + "\n"
 
 
@@ -299,6 +301,9 @@ def _disk(value: object, base: Path, where: str) -> DiskConfig:
             if k in ("readonly", "discard", "snapshot"):
                 _need(isinstance(v, bool), f"{where}.{k}", "true or false", v)
                 texts[k] = "on" if v else "off"
+            elif k == "queues":
+                _need(isinstance(v, int) and not isinstance(v, bool), f"{where}.{k}", "a number of queues", v)
+                texts[k] = str(v)
             else:
                 _need(isinstance(v, str), f"{where}.{k}", "a string", v)
                 texts[k] = str(v)

@@ -28,6 +28,7 @@ class Dummy(d.VirtioDevice):
         self.processed: list[int] = []
         self.fail = False
         self.block: threading.Event | None = None
+        self.block_event = threading.Event()  # the event the last blocked processing waits on
         self.entered = threading.Event()
         self.config = bytearray(b"\x01\x02\x03\x04\x05\x06\x07\x08")
         self.queues: Sequence[Virtqueue] = ()
@@ -51,8 +52,10 @@ class Dummy(d.VirtioDevice):
 
     def process_queue(self, index: int, mem: GuestMemory) -> bool:
         self.entered.set()
-        if self.block is not None:
-            self.block.wait(5)
+        block = self.block
+        if block is not None:
+            self.block_event = block
+            block.wait(5)
         if self.fail:
             raise VirtqueueError("bogus")
         self.processed.append(index)
@@ -205,6 +208,7 @@ def test_queue_ready_0_waits_for_the_queues_work_in_flight(rig: Rig) -> None:
     worker = threading.Thread(target=rig.t.notify, args=(0,))
     worker.start()
     assert rig.dev.entered.wait(5)
+    rig.w(m.REG_QUEUE_SEL, 0)
     stopper = threading.Thread(target=rig.w, args=(m.REG_QUEUE_READY, 0))
     stopper.start()
     stopper.join(0.1)
@@ -213,6 +217,30 @@ def test_queue_ready_0_waits_for_the_queues_work_in_flight(rig: Rig) -> None:
     worker.join(5)
     stopper.join(5)
     assert rig.r(m.REG_QUEUE_READY) == 0
+
+
+def test_queues_are_processed_at_the_same_time(rig: Rig) -> None:
+    """Each queue has its own processing lock: while queue 0's work is in flight, queue 1 is served
+    (and stopping queue 1 does not wait for queue 0)."""
+    setup_device(rig.t, [rig.q0, rig.q1])
+    rig.dev.block = threading.Event()
+    h0 = rig.q0.add_chain([(4, True)])
+    worker = threading.Thread(target=rig.t.notify, args=(0,))
+    worker.start()
+    assert rig.dev.entered.wait(5)
+    rig.dev.block = None  # queue 1's processing does not block
+    head = rig.q1.add_chain([(4, True)])
+    done = threading.Thread(target=rig.t.notify, args=(1,))
+    done.start()
+    done.join(5)
+    assert not done.is_alive() and [u.head for u in rig.q1.get_used()] == [head]
+    rig.w(m.REG_QUEUE_SEL, 1)
+    rig.w(m.REG_QUEUE_READY, 0)  # returns at once: queue 1 has nothing in flight
+    assert worker.is_alive() and rig.q0.get_used() == []
+    blocked = rig.dev.block_event
+    blocked.set()
+    worker.join(5)
+    assert [u.head for u in rig.q0.get_used()] == [h0]
 
 
 def test_a_queue_not_ready_at_driver_ok_cannot_be_started_later(rig: Rig) -> None:

@@ -1,4 +1,9 @@
-"""virtio-blk (virtio 1.2 §5.2): one request queue in front of a :class:`~.disk.Disk`.
+"""virtio-blk (virtio 1.2 §5.2): one or more request queues in front of a :class:`~.disk.Disk`.
+
+With ``num_queues`` > 1 the device offers VIRTIO_BLK_F_MQ and says how many queues it has in
+``num_queues`` of its configuration (§5.2.3, §5.2.4); the driver uses as many as it likes (Linux: one per
+CPU, at most that many).  Each queue is processed independently, on its own thread where the transport
+has one per queue; what the queues share (the disk, the error count) is safe to use from several.
 
 A request (§5.2.6) is a chain whose device-readable part starts with the 16-byte header
 ``{le32 type; le32 reserved; le64 sector}`` and whose device-writable part ends with the status
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Sequence
 
 from pyvmm.config import DiskConfig
@@ -59,6 +65,7 @@ VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
 VIRTIO_BLK_F_TOPOLOGY = 1 << 10
 VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
+VIRTIO_BLK_F_MQ = 1 << 12
 VIRTIO_BLK_F_DISCARD = 1 << 13
 VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 
@@ -96,10 +103,11 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 32
 DISCARD_ALIGNMENT_SECTORS = 8  # fallocate punches whole 4 KiB blocks
 DEFAULT_QUEUE_SIZE = 256
+MAX_QUEUES = 64  # as many as pyvmm has vCPUs at most (Linux uses one queue per CPU)
 
 
 class VirtioBlock(VirtioDevice):
-    """A virtio-blk device with one request queue."""
+    """A virtio-blk device with ``num_queues`` request queues."""
 
     device_id = VIRTIO_ID_BLOCK
 
@@ -110,10 +118,15 @@ class VirtioBlock(VirtioDevice):
         serial: str | None = None,
         discard: bool = True,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        num_queues: int = 1,
     ) -> None:
         super().__init__()
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ValueError(f"virtio-blk queue count {num_queues} not in 1..{MAX_QUEUES}")
         self.disk = disk
-        self.queue_max_sizes = (queue_size,)
+        self.num_queues = num_queues
+        self.queue_max_sizes = (queue_size,) * num_queues
+        self._error_lock = threading.Lock()
         self.serial = (serial or "").encode()[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.readonly = disk.readonly
         self.discard_enabled = discard and not disk.readonly
@@ -130,6 +143,8 @@ class VirtioBlock(VirtioDevice):
             self._features |= VIRTIO_BLK_F_RO
         if self.discard_enabled:
             self._features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        if num_queues > 1:
+            self._features |= VIRTIO_BLK_F_MQ
         self._config = BLK_CONFIG.pack(
             self._sectors,
             0,  # size_max (VIRTIO_BLK_F_SIZE_MAX not offered: no limit)
@@ -138,7 +153,7 @@ class VirtioBlock(VirtioDevice):
             SECTOR_SIZE,  # blk_size
             0, 0, 1, 0,  # topology (not offered)
             1,  # writeback (informational: VIRTIO_BLK_F_CONFIG_WCE not offered)
-            0, 1,  # unused0, num_queues
+            0, num_queues,  # unused0, num_queues (§5.2.4: meaningful with VIRTIO_BLK_F_MQ)
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT_SECTORS,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,  # write zeroes; may_unmap
             0, 0, 0,  # secure erase (not offered)
@@ -147,7 +162,8 @@ class VirtioBlock(VirtioDevice):
         self.reset()
 
     @classmethod
-    def from_config(cls, config: DiskConfig, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> VirtioBlock:
+    def from_config(cls, config: DiskConfig, *, queue_size: int = DEFAULT_QUEUE_SIZE,
+                    num_queues: int = 1) -> VirtioBlock:
         """Open the image of a ``--disk`` (raises :class:`~pyvmm.errors.DeviceError`) and wrap it.
 
         ``snapshot=on`` puts a copy-on-write overlay in front of the image, unless the disk is also
@@ -155,7 +171,7 @@ class VirtioBlock(VirtioDevice):
         """
         disk: Disk = (SnapshotDisk.from_config(config) if config.snapshot and not config.readonly
                       else RawDisk.from_config(config))
-        return cls(disk, serial=config.serial, discard=config.discard, queue_size=queue_size)
+        return cls(disk, serial=config.serial, discard=config.discard, queue_size=queue_size, num_queues=num_queues)
 
     def close(self) -> None:
         self.disk.close()
@@ -311,9 +327,11 @@ class VirtioBlock(VirtioDevice):
         return VIRTIO_BLK_S_OK
 
     def _note_error(self, why: str, chain: DescriptorChain) -> None:
-        self.errors += 1
-        n = self.errors
-        if self._error_log.tick():  # a guest must not flood the log
+        with self._error_lock:  # queues may fail requests at the same time
+            self.errors += 1
+            n = self.errors
+            report = self._error_log.tick()
+        if report:  # a guest must not flood the log
             log.warning("virtio-blk: %s (head %d; %d request errors so far)", why, chain.head, n)
 
 

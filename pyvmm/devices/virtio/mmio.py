@@ -14,10 +14,12 @@ FEATURES_OK (§3.1.2).  The version 2 registers (QueueReady, the queue address r
 ConfigGeneration) do not exist there and read 0, and the legacy ones do not exist in version 2.
 
 Threads: register accesses arrive on a vCPU thread; queue processing (:meth:`notify`) runs on the
-event-loop thread, or on the vCPU thread when QueueNotify is written and no ioeventfd catches it.
-``_lock`` guards registers and InterruptStatus (held briefly); ``_process_lock`` is held while a
-queue is processed, and a reset (Status = 0) takes it first, so a reset waits for in-flight requests
-and never tears queues down under the device.  Lock order: ``_process_lock`` then ``_lock``.
+event-loop thread or a queue's own worker thread, or on the vCPU thread when QueueNotify is written and
+no ioeventfd catches it.  ``_lock`` guards registers and InterruptStatus (held briefly); each queue has a
+processing lock, held while that queue is processed, so different queues are served at the same time
+(§5.2 multiqueue: no ordering is promised across queues).  A reset (Status = 0) and the status writes
+take every queue's lock first, so a reset waits for in-flight requests and never tears queues down under
+the device.  Lock order: queue locks in index order, then ``_lock``.
 
 Guest mistakes never raise out of here: unknown registers read 0 and ignore writes, non-32-bit
 register accesses are ignored (§4.2.2.2 lets the device behave as it likes there), and a chain the
@@ -27,8 +29,10 @@ device cannot parse puts the device into DEVICE_NEEDS_RESET with a configuration
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.devices.virtio.device import (
@@ -135,7 +139,7 @@ class VirtioMmioTransport:
         device.trace = trace
         self.queues = [Virtqueue(n) for n in device.queue_max_sizes]
         self._lock = threading.Lock()
-        self._process_lock = threading.Lock()
+        self._queue_locks = [threading.Lock() for _ in self.queues]
         self._warn_log = LogLimiter()  # what the guest can make us log, rate-limited
         self._reset_registers()
 
@@ -183,11 +187,11 @@ class VirtioMmioTransport:
         elif offset == REG_STATUS:
             self._write_status(value)
         elif offset == REG_QUEUE_PFN:
-            with self._process_lock, self._lock:
+            with self._selected_queue_lock(), self._lock:
                 self._write_queue_pfn(value)
         elif offset == REG_QUEUE_READY:
-            # The process lock first: once a write of 0 returns, no processing of that queue is in flight.
-            with self._process_lock, self._lock:
+            # The queue's lock first: once a write of 0 returns, no processing of that queue is in flight.
+            with self._selected_queue_lock(), self._lock:
                 self._write_queue_ready(value)
         else:
             with self._lock:
@@ -229,6 +233,18 @@ class VirtioMmioTransport:
         if offset == REG_CONFIG_GENERATION:
             return self.config_generation
         return 0  # write-only, legacy and unknown registers
+
+    def _selected_queue_lock(self) -> contextlib.AbstractContextManager[object]:
+        sel = self.queue_sel
+        return self._queue_locks[sel] if sel < len(self._queue_locks) else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _all_queues(self) -> Iterator[None]:
+        """Every queue's processing lock, in index order: no queue work is in flight while held."""
+        with contextlib.ExitStack() as held:
+            for lock in self._queue_locks:
+                held.enter_context(lock)
+            yield
 
     def _selected_queue(self) -> Virtqueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
@@ -349,9 +365,9 @@ class VirtioMmioTransport:
         if value == 0:
             self.reset()
             return
-        # The process lock keeps a notification from reaching the device between DRIVER_OK becoming
+        # The queue locks keep a notification from reaching the device between DRIVER_OK becoming
         # visible and ``activate`` having run.
-        with self._process_lock:
+        with self._all_queues():
             self._update_status(value)
 
     def _update_status(self, value: int) -> None:
@@ -388,7 +404,7 @@ class VirtioMmioTransport:
 
     def reset(self) -> None:
         """Device reset (Status = 0, §2.4): waits for in-flight queue work, then clears everything."""
-        with self._process_lock, self._lock:
+        with self._all_queues(), self._lock:
             self.device.reset()
             self._reset_registers()
 
@@ -401,7 +417,9 @@ class VirtioMmioTransport:
         trace = self.trace
         if trace is not None:
             trace(f"notify q={index} via={via}" if via else f"notify q={index}")
-        with self._process_lock:
+        if not 0 <= index < len(self._queue_locks):
+            return
+        with self._queue_locks[index]:
             with self._lock:
                 if (
                     self.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET) != STATUS_DRIVER_OK
@@ -416,7 +434,7 @@ class VirtioMmioTransport:
             except (VirtqueueError, GuestMemoryError) as err:
                 self._needs_reset(index, err)
                 return
-            # Still under the process lock: a reset (which takes it) cannot slip in between the used ring's
+            # Still under the queue lock: a reset (which takes every one) cannot slip in between the used ring's
             # update and its interrupt, and a reset device raises none.
             if wanted:
                 self.signal_used_buffer()

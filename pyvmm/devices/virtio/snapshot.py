@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -81,6 +82,9 @@ class SnapshotDisk:
             raise
         self._blocks = (self._size + BLOCK_SIZE - 1) // BLOCK_SIZE
         self._dirty = bytearray((self._blocks + 7) // 8)
+        # The bitmap and the copy-up are read-modify-write: one request at a time, when a multiqueue
+        # device serves its queues on several threads.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: DiskConfig) -> SnapshotDisk:
@@ -96,6 +100,10 @@ class SnapshotDisk:
         return False  # the guest may write; IMG never sees it
 
     def readv_into(self, offset: int, buffers: Buffers) -> int:
+        with self._lock:
+            return self._readv_into(offset, buffers)
+
+    def _readv_into(self, offset: int, buffers: Buffers) -> int:
         bufs = list(buffers)
         length = sum(len(b) for b in bufs)
         for start, end, dirty in self._runs(offset, offset + length):
@@ -107,6 +115,10 @@ class SnapshotDisk:
         return length
 
     def writev(self, offset: int, buffers: Buffers) -> int:
+        with self._lock:
+            return self._writev(offset, buffers)
+
+    def _writev(self, offset: int, buffers: Buffers) -> int:
         bufs = list(buffers)
         length = sum(len(b) for b in bufs)
         self._check_range(offset, length)
@@ -125,6 +137,10 @@ class SnapshotDisk:
 
         §5.2.6.2 lets a device ignore a discard, so the partial blocks at either end keep their data.
         """
+        with self._lock:
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
         end = offset + length
         first = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
@@ -137,6 +153,10 @@ class SnapshotDisk:
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make a range read as zeros (§5.2.6.2: a MUST).  Whole blocks are punched out of the overlay
         whatever ``unmap`` says: the overlay's space is the host's business."""
+        with self._lock:
+            self._write_zeroes(offset, length)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
         if length <= 0:
             return
