@@ -103,13 +103,13 @@ def after_panic_grace(fn: Callable[[], None]) -> None:
 
 def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int | None,
                  stop: Callable[[ExitStatus, str], None]) -> ConsoleOutput:
-    """The guest console sink; with ``exit_on_panic`` a kernel panic line stops the VM shortly after."""
+    """The guest console sink; with ``panic_exit`` a kernel panic line stops the VM shortly after."""
     fd = _console_fd(config, stack) if console_fd == -1 else console_fd
 
     def on_panic(line: str) -> None:
         after_panic_grace(lambda: stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
 
-    return ConsoleOutput(fd, on_panic=on_panic if config.exit_on_panic else None)
+    return ConsoleOutput(fd, on_panic=on_panic if config.panic_exit else None)
 
 
 def add_exec_arg(cmdline: Cmdline, cmd: str | None) -> None:
@@ -124,12 +124,12 @@ def add_exec_arg(cmdline: Cmdline, cmd: str | None) -> None:
 def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
                        stop: Callable[[ExitStatus, str], None]) -> tuple[PvPanic, GuestExit]:
     """The two devices through which the guest itself says how it ended, wired to the VM: pvpanic (a
-    panic counts whatever follows; with ``exit_on_panic`` the VM stops after the grace period that lets
+    panic counts whatever follows; with ``panic_exit`` the VM stops after the grace period that lets
     the panic report reach the console; with ``--no-panic-exit`` only a log line, as the console's panic
     watcher is off then too) and the guest exit device (the VM ends with the guest's status)."""
 
     def on_pvpanic(events: int) -> None:
-        if not config.exit_on_panic:  # like the console's panic watcher, which is off then too
+        if not config.panic_exit:  # like the console's panic watcher, which is off then too
             log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running",
                         describe(events))
             return

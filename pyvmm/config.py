@@ -249,7 +249,8 @@ class VmConfig:
     # "auto": detect a software-emulating host KVM and apply workarounds; "on"/"off" force them
     workarounds: str = "auto"
     timeout: float | None = None
-    exit_on_panic: bool = True
+    # --panic-exit (default) / --no-panic-exit: a panic line on the console stops the VM (status 3)
+    panic_exit: bool = True
     # virtio trace: the event classes to trace (pyvmm.trace.EVENT_CLASSES; empty = off) and where to
     # (None = stderr)
     trace: frozenset[str] = frozenset()

@@ -111,7 +111,7 @@ class RunSettings:
         return VmConfig(
             kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, memory=self.memory, cpus=self.cpus,
             disks=self.disks, console=self.console, boot=self.boot, workarounds=self.workarounds,
-            timeout=self.timeout, exit_on_panic=self.panic_exit, trace=parse_selectors(self.trace),
+            timeout=self.timeout, panic_exit=self.panic_exit, trace=parse_selectors(self.trace),
             trace_file=self.trace_file, devices_via=self.devices_via, stats=self.stats, exec_cmd=self.exec,
             sandbox=self.sandbox, gdb=self.gdb, gdb_wait=self.gdb_wait, virtio_mmio_version=self.virtio_mmio_version,
         )

@@ -90,7 +90,7 @@ def test_file_values_and_relative_paths(tmp_path: Path) -> None:
                DiskConfig(tmp_path / "base.img", snapshot=True)),
     )
     vm = s.vm_config()
-    assert vm.exit_on_panic is False and vm.trace == {"notify", "irq"} and vm.memory == 1 << 30
+    assert vm.panic_exit is False and vm.trace == {"notify", "irq"} and vm.memory == 1 << 30
 
 
 def test_round_trip(tmp_path: Path) -> None:
