@@ -15,15 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyvmm.lab import runner
-from pyvmm.lab.runner import STATUS_LAB_FAILED, LabError, LabOptions, LabResult
+from pyvmm.lab import qemu
+from pyvmm.lab.qemu import STATUS_LAB_FAILED, LabError, LabOptions, LabResult
 
 EPILOG = f"""\
 exit status: the command's own, or
-  {runner.STATUS_TIMEOUT}  the hard timeout (--timeout) expired; QEMU was stopped
-  {runner.STATUS_LAB_FAILED}  the lab could not start or did not report a status (QEMU or the lab kernel
+  {qemu.STATUS_TIMEOUT}  the hard timeout (--timeout) expired; QEMU was stopped
+  {qemu.STATUS_LAB_FAILED}  the lab could not start or did not report a status (QEMU or the lab kernel
        missing, kernel panic, ...); the reason and the lab's console are printed on stderr
-  {runner.STATUS_NOT_FOUND}  the command was not found on this host
+  {qemu.STATUS_NOT_FOUND}  the command was not found on this host
 
 inside the lab: the host's / read-only (9p), the scratch directory and every --rw directory writable at
 their host paths, tmpfs (over the host's /tmp) on /tmp; PYVMM_IN_LAB=1 and PYVMM_LAB_SCRATCH are set.
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run one command inside the KVM lab", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    r.add_argument("--timeout", type=float, default=qemu.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="hard limit for the whole lab run, 0 = none (default: %(default)g)")
     r.add_argument("--scratch", type=Path, metavar="DIR",
                    help="writable scratch directory shared with the lab (default: a temporary one, removed "
@@ -52,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-scratch", action="store_true", help="do not remove the temporary scratch directory")
     r.add_argument("--rw", type=Path, action="append", default=[], metavar="DIR",
                    help="also share DIR writable (at its host path); repeatable")
-    r.add_argument("--memory", "-m", default=runner.DEFAULT_MEMORY, metavar="SIZE",
+    r.add_argument("--memory", "-m", default=qemu.DEFAULT_MEMORY, metavar="SIZE",
                    help="lab RAM, QEMU syntax (default: %(default)s)")
     r.add_argument("--interactive", "-i", action="store_true",
                    help="attach the terminal to the lab console (QEMU's serial port) instead of streaming")
     r.add_argument("--kernel", type=Path, metavar="PATH",
-                   help=f"lab kernel (default: $PYVMM_LAB_KERNEL or {runner.LAB_KERNEL})")
-    r.add_argument("--arch", choices=runner.ARCHES, default="x86_64",
+                   help=f"lab kernel (default: $PYVMM_LAB_KERNEL or {qemu.LAB_KERNEL})")
+    r.add_argument("--arch", choices=qemu.ARCHES, default="x86_64",
                    help="arm64: the emulated-EL2 arm64 lab (images/arm64.py); the command runs in its arm64 "
                         "root with the project tree shared (default: %(default)s)")
     r.add_argument("-v", "--verbose", action="store_true", help="show the lab's own boot messages too")
@@ -88,10 +88,10 @@ def _run(args: argparse.Namespace) -> int:
                       timeout=args.timeout or None, memory=args.memory, interactive=args.interactive,
                       kernel=args.kernel, verbose=args.verbose, arch=args.arch)
     try:
-        result = runner.run(opts)
+        result = qemu.run(opts)
     except LabError as err:
         _log(f"error: {err}")
-        return runner.STATUS_NOT_FOUND if "command not found" in str(err) else STATUS_LAB_FAILED
+        return qemu.STATUS_NOT_FOUND if "command not found" in str(err) else STATUS_LAB_FAILED
     _report(result, args.quiet)
     return result.status
 
@@ -100,12 +100,12 @@ def _check() -> int:
     from pyvmm.arch.x86_64 import hostkvm
 
     host = hostkvm.detect()
-    reason = runner.unavailable_reason()
-    _log(f"host: {host.reason}; {'inside the lab' if runner.in_lab() else 'not inside the lab'}")
+    reason = qemu.unavailable_reason()
+    _log(f"host: {host.reason}; {'inside the lab' if qemu.in_lab() else 'not inside the lab'}")
     if reason:
         _log(f"the lab cannot start: {reason}")
         return 1
-    _log(f"the lab can start ({runner.QEMU}, kernel {runner.lab_kernel()})")
+    _log(f"the lab can start ({qemu.QEMU}, kernel {qemu.lab_kernel()})")
     return 0
 
 
@@ -131,11 +131,11 @@ def _guest(args: argparse.Namespace) -> int:
     pyvmm_args = args.args[1:] if args.args[:1] == ["--"] else list(args.args)
     direct = [sys.executable, "-m", "pyvmm", "run", *pyvmm_args]
     host = hostkvm.detect()
-    if runner.in_lab() or not host.software:
+    if qemu.in_lab() or not host.software:
         os.execv(sys.executable, direct)
     _log(f"{host.reason}: guest kernels boot here, but guest user space cannot run on it "
          "(see the README, \"KVM lab\").")
-    reason = runner.unavailable_reason()
+    reason = qemu.unavailable_reason()
     if reason:
         _log(f"the KVM lab cannot start either: {reason}")
         _log("booting on this host's KVM anyway: expect the kernel to stop at `Run /init` (exit status 3)")
@@ -146,7 +146,7 @@ def _guest(args: argparse.Namespace) -> int:
          + ("; Ctrl-A x stops the guest" if interactive else ""))
     opts = LabOptions(command=direct, rw=_writable_disk_dirs(pyvmm_args), timeout=None, interactive=interactive)
     try:
-        result = runner.run(opts)
+        result = qemu.run(opts)
     except LabError as err:
         _log(f"error: {err}")
         return STATUS_LAB_FAILED

@@ -1,13 +1,13 @@
 #!/bin/sh
-# /init of the KVM lab (pyvmm/lab/runner.py boots the lab kernel with `init=<this file>`; keep it executable).
+# /init of the KVM lab (pyvmm/lab/qemu.py boots the lab kernel with `init=<this file>`; keep it executable).
 #
 # The lab's root is the host's / over 9p, read-only; this script runs on the host's own /bin/sh.
-# Environment from the kernel command line (runner.py):
+# Environment from the kernel command line (qemu.py):
 #   PYVMM_LAB_SCRATCH   host path of the writable scratch share (9p tag "scratch"), mounted at the
 #                       same path here; $PYVMM_LAB_SCRATCH/.pyvmm-lab/ holds run.sh (the command, its
 #                       working directory and environment) and receives "status"
 #   PYVMM_LAB_MOUNTS    more writable shares, "tag:path tag:path ..." (9p tags rw0, rw1, ...)
-# The console lines "PYVMM-LAB: ..." are read by runner.py: keep them as they are.
+# The console lines "PYVMM-LAB: ..." are read by qemu.py: keep them as they are.
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 

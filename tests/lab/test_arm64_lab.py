@@ -25,7 +25,7 @@ import pytest
 
 from pyvmm.devices.virtio import barrier
 from pyvmm.lab import LabOptions, run, unavailable_reason
-from pyvmm.lab.runner import ARM64_GIC_ENV
+from pyvmm.lab.qemu import ARM64_GIC_ENV
 from tests.lab.conftest import LAB_TIER_SUMMARY, bound_for, vm_timeout
 from tests.lab.test_guest_userspace import INIT_MARKERS, _debugfs, _debugfs_cat
 

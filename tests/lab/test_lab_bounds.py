@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.lab import runner
-from pyvmm.lab.runner import LabOptions
+from pyvmm.lab import qemu
+from pyvmm.lab.qemu import LabOptions
 from tests.lab import tier
 from tests.lab.conftest import lab_bound
 
@@ -144,10 +144,10 @@ def test_runner_watchdog_stops_the_lab(tmp_path: Path) -> None:
     cmd = _fake_qemu(tmp_path, "echo 'inner: hello'\nexec sleep 60")
     out = bytearray()
     t0 = time.monotonic()
-    result = runner._run_qemu(cmd, tmp_path / "ctl", LabOptions(command=["x"], timeout=50), out.extend,
+    result = qemu._run_qemu(cmd, tmp_path / "ctl", LabOptions(command=["x"], timeout=50), out.extend,
                               watchdog=lambda: "inner test stuck" if b"hello" in out else None)
     assert time.monotonic() - t0 < 10
-    assert result.status == runner.STATUS_TIMEOUT and result.timed_out
+    assert result.status == qemu.STATUS_TIMEOUT and result.timed_out
     assert result.reason.startswith("inner test stuck; QEMU was stopped after")
     assert bytes(out) == b"inner: hello\n"
     assert _gone(int((tmp_path / "pid").read_text()))
@@ -161,5 +161,5 @@ def test_runner_stops_the_lab_when_the_caller_is_interrupted(tmp_path: Path) -> 
         raise RuntimeError("the caller's own timeout")
 
     with pytest.raises(RuntimeError, match="own timeout"):
-        runner._run_qemu(cmd, tmp_path / "ctl", LabOptions(command=["x"], timeout=50), out)
+        qemu._run_qemu(cmd, tmp_path / "ctl", LabOptions(command=["x"], timeout=50), out)
     assert _gone(int((tmp_path / "pid").read_text()))

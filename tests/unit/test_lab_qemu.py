@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.lab import runner, tsc
+from pyvmm.lab import qemu, tsc
 from pyvmm.lab.__main__ import _writable_disk_dirs
-from pyvmm.lab.runner import ConsoleFilter, LabError, LabOptions
+from pyvmm.lab.qemu import ConsoleFilter, LabError, LabOptions
 
 CONSOLE = (b"[    0.1] boot noise\r\nqemu: warning\r\nPYVMM-LAB: start 1.25\r\nline one\r\n"
            b"partial PYVMM-LAB without marker\r\nno newline at the end PYVMM-LAB: exit 3 4.5\r\n"
@@ -44,7 +44,7 @@ def test_console_filter_keeps_everything_when_the_lab_never_starts() -> None:
 
 
 def test_qemu_command_is_the_measured_lab(tmp_path: Path) -> None:
-    cmd = runner.qemu_command(Path("/k/lab-bzImage"), tmp_path, [Path("/srv/disks")], memory="3G",
+    cmd = qemu.qemu_command(Path("/k/lab-bzImage"), tmp_path, [Path("/srv/disks")], memory="3G",
                               interactive=False, verbose=False)
     joined = " ".join(cmd)
     for piece in ("-M microvm,acpi=off", "-accel tcg", "-cpu EPYC,+svm,+npt", "-smp 1", "-no-reboot",
@@ -53,20 +53,20 @@ def test_qemu_command_is_the_measured_lab(tmp_path: Path) -> None:
     append = cmd[cmd.index("-append") + 1].split()
     assert "reboot=t" in append and "root=host" in append and "rootfstype=9p" in append and "ro" in append
     assert f"PYVMM_LAB_SCRATCH={tmp_path}" in append and "PYVMM_LAB_MOUNTS=rw0:/srv/disks" in append
-    assert f"init={runner.INIT_SCRIPT}" in append
+    assert f"init={qemu.INIT_SCRIPT}" in append
     assert "--" not in append  # QEMU appends virtio_mmio.device= after it: they must stay kernel parameters
-    interactive = runner.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=True, verbose=True)
+    interactive = qemu.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=True, verbose=True)
     assert "stdio,id=con,signal=off" in interactive and "quiet" not in " ".join(interactive)
 
 
 def test_paths_for_the_kernel_command_line_must_be_plain(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="absolute path"):
-        runner.qemu_command(Path("/k"), tmp_path / "with space", [], memory="1G", interactive=False,
+        qemu.qemu_command(Path("/k"), tmp_path / "with space", [], memory="1G", interactive=False,
                             verbose=False)
 
 
 def test_run_script_quotes_arguments_and_environment(tmp_path: Path) -> None:
-    script = runner._run_script(["/usr/bin/printf", "%s|", "a b", "$HOME", "it's"], tmp_path,
+    script = qemu._run_script(["/usr/bin/printf", "%s|", "a b", "$HOME", "it's"], tmp_path,
                                 {"LAB_X": "x y 'z'", "PWD": "/nowhere", "bad-name": "1"}, None)
     assert "PWD" not in script and "bad-name" not in script
     (tmp_path / "run.sh").write_text(script.replace("exec ", "printf '%s|' \"$LAB_X\" \"$(pwd)\"; exec "))
@@ -78,40 +78,40 @@ def test_run_script_quotes_arguments_and_environment(tmp_path: Path) -> None:
 def test_lab_unavailable_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no-lab-bzImage"
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert "apt-get install qemu-system-x86" in (runner.unavailable_reason(missing) or "")
-    fake_qemu = tmp_path / runner.QEMU
+    assert "apt-get install qemu-system-x86" in (qemu.unavailable_reason(missing) or "")
+    fake_qemu = tmp_path / qemu.QEMU
     fake_qemu.write_text("#!/bin/sh\n")
     fake_qemu.chmod(0o755)
-    assert "images/lab.py" in (runner.unavailable_reason(missing) or "")
+    assert "images/lab.py" in (qemu.unavailable_reason(missing) or "")
     with pytest.raises(LabError, match="lab kernel"):
-        runner.run(LabOptions(command=["true"], kernel=missing))
+        qemu.run(LabOptions(command=["true"], kernel=missing))
     missing.write_bytes(b"")
-    assert runner.unavailable_reason(missing) is None
+    assert qemu.unavailable_reason(missing) is None
     with pytest.raises(LabError, match="command not found"):
-        runner.run(LabOptions(command=["no-such-command-here"], kernel=missing))
+        qemu.run(LabOptions(command=["no-such-command-here"], kernel=missing))
 
 
 def test_lab_kernel_message_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An installed pyvmm (a wheel) has no images/ next to it: the message says how to give it a lab kernel
     # instead of naming a path inside site-packages and a build script that is not there.
-    fake_qemu = tmp_path / runner.QEMU
+    fake_qemu = tmp_path / qemu.QEMU
     fake_qemu.write_text("#!/bin/sh\n")
     fake_qemu.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     site = tmp_path / "site-packages"
-    monkeypatch.setattr(runner, "REPO", site)
-    monkeypatch.setattr(runner, "LAB_KERNEL", site / "images" / "out" / "lab-bzImage")
+    monkeypatch.setattr(qemu, "REPO", site)
+    monkeypatch.setattr(qemu, "LAB_KERNEL", site / "images" / "out" / "lab-bzImage")
     monkeypatch.delenv("PYVMM_LAB_KERNEL", raising=False)
-    reason = runner.unavailable_reason() or ""
+    reason = qemu.unavailable_reason() or ""
     assert "PYVMM_LAB_KERNEL" in reason and "make lab-images" in reason and str(site) not in reason
     monkeypatch.setenv("PYVMM_LAB_KERNEL", str(tmp_path / "gone"))
-    assert f"{tmp_path / 'gone'} (from $PYVMM_LAB_KERNEL) is missing" in (runner.unavailable_reason() or "")
+    assert f"{tmp_path / 'gone'} (from $PYVMM_LAB_KERNEL) is missing" in (qemu.unavailable_reason() or "")
     (tmp_path / "gone").write_bytes(b"")
-    assert runner.unavailable_reason() is None
+    assert qemu.unavailable_reason() is None
     # In a checkout the message names the build script, as before.
-    monkeypatch.setattr(runner, "REPO", Path(runner.__file__).resolve().parents[2])
+    monkeypatch.setattr(qemu, "REPO", Path(qemu.__file__).resolve().parents[2])
     monkeypatch.delenv("PYVMM_LAB_KERNEL")
-    assert "images/lab.py" in (runner.unavailable_reason() or "")
+    assert "images/lab.py" in (qemu.unavailable_reason() or "")
 
 
 def test_writable_disks_are_shared() -> None:
@@ -124,7 +124,7 @@ def test_lab_kernel_is_told_the_tsc_frequency(tmp_path: Path) -> None:
     # Under host load the lab kernel's own TSC calibration (against the PIT; microvm has no HPET or ACPI PM
     # timer) fails, tsc_khz stays 0 and the lab's KVM then never enters a guest.  The runner measures the
     # host TSC (TCG's guest TSC is the host's) and passes it, so calibration cannot fail.
-    cmd = runner.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=False, verbose=False)
+    cmd = qemu.qemu_command(Path("/k"), tmp_path, [], memory="1G", interactive=False, verbose=False)
     append = cmd[cmd.index("-append") + 1].split()
     khz = [int(a.split("=", 1)[1]) for a in append if a.startswith("tsc_early_khz=")]
     if tsc.host_tsc_khz() is None:
