@@ -56,7 +56,8 @@ def child(timeout: float) -> None:
     vmm, _ = build_vm(config, console_fd=1)
     t_built = time.monotonic()
     result = vmm.run()
-    marks = list(vmm.boot_timer.marks)  # type: ignore[attr-defined]
+    assert vmm.boot_timer is not None
+    marks = list(vmm.boot_timer.marks)
     out = {"import": T_IMPORT, "build_start": t_build, "built": t_built, "started_at": vmm.started_at,
            "first_run_at": vmm.first_run_at, "marks": marks, "status": int(result.status),
            "reason": result.reason, "exits": dict(result.exits), "end": time.monotonic(),

@@ -112,7 +112,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
 
     vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout,
               stats=config.stats, profile=config.debug)
-    vmm.serial = serial  # type: ignore[attr-defined]
-    vmm.mem = mem  # type: ignore[attr-defined]
+    vmm.serial = serial
+    vmm.mem = mem
     vmm_ref.append(vmm)
     return vmm

@@ -147,9 +147,9 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     arch = machine.X86ExitHandler(mem, assist=host.software)
     vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
               coalesced=coalesced, profile=config.debug)
-    vmm.serial = serial  # type: ignore[attr-defined]
-    vmm.mem = mem  # type: ignore[attr-defined]
-    vmm.boot_timer = boot_timer  # type: ignore[attr-defined]
+    vmm.serial = serial
+    vmm.mem = mem
+    vmm.boot_timer = boot_timer
     vmm_ref.append(vmm)
     attach_gdb(config, vmm, mem, lambda: _debug_target(mem, vm), stack, report)
     return vmm

@@ -31,7 +31,9 @@ def _attach_stdin(vmm: Vmm) -> ConsoleInput | None:
         fd = sys.stdin.fileno()
     except (OSError, ValueError):
         return None
-    serial = vmm.serial  # type: ignore[attr-defined]
+    serial = vmm.serial
+    if serial is None:
+        return None
     pending = bytearray()
     console_in = ConsoleInput(fd, lambda: vmm.request_stop(ExitStatus.STOPPED, "stopped by the console escape"))
 

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.bus import Bus, Reader, Writer
 from pyvmm.coalescing import CoalescedWrites
@@ -42,6 +42,11 @@ from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.status import ExitStatus, guest_exit_code
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
+
+if TYPE_CHECKING:
+    from pyvmm.devices.boottimer import BootTimer
+    from pyvmm.devices.serial import Serial16550
+    from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,11 @@ class Vmm:
         self.panic_report: str | None = None
         self.sandboxed = False  # pyvmm.sandbox's filter is installed: a PermissionError may be its doing
         self.debug: DebugHooks | None = None  # the gdb server's all-stop control (pyvmm.gdb), if any
+        # What the builder hands over besides the run itself: the console UART (the runner feeds it stdin),
+        # guest RAM and, on x86, the boot timer (tests and benchmarks read them)
+        self.serial: Serial16550 | None = None
+        self.mem: GuestMemory | None = None
+        self.boot_timer: BootTimer | None = None
         self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def _built(images: Path, disk: Path, devices_via: str) -> tuple[bytes, bytes, st
                       disks=(DiskConfig(path=disk),), devices_via=devices_via)
     vmm, report = build_vm(config, console_fd=None)
     try:
-        mem: GuestMemory = vmm.mem  # type: ignore[attr-defined]
+        assert vmm.mem is not None
+        mem: GuestMemory = vmm.mem
         zero_page = mem.read(layout.ZERO_PAGE_ADDR, 4096)
         bios = mem.read(layout.BIOS_AREA_START, layout.BIOS_AREA_END - layout.BIOS_AREA_START)
     finally:
