@@ -42,7 +42,7 @@ from pyvmm.devices.virtio.disk import RawDisk  # noqa: E402
 from pyvmm.devices.virtio.mmio import VirtioMmioTransport  # noqa: E402
 from pyvmm.interrupt import CountingIrq  # noqa: E402
 from pyvmm.memory import GuestMemory  # noqa: E402
-from pyvmm.testing.driverqueue import DriverQueue, setup_device  # noqa: E402
+from pyvmm.testing.driverqueue import DriverQueue, PackedDriverQueue, setup_device  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 IMAGE_SIZE = 64 << 20
@@ -77,7 +77,7 @@ class Row:
 class Rig:
     """Guest memory, one virtio-blk device on ``image`` and a driver queue with ``depth`` request slots."""
 
-    def __init__(self, image: Path, *, direct: bool, block: int, depth: int) -> None:
+    def __init__(self, image: Path, *, direct: bool, block: int, depth: int, packed: bool = False) -> None:
         self.block = block
         self.depth = depth
         data = depth * (block + 4096) + MiB
@@ -86,7 +86,9 @@ class Rig:
         self.dev = VirtioBlock(self.disk, queue_size=QSIZE)
         self.irq = CountingIrq()
         self.t = VirtioMmioTransport(self.dev, self.mem, self.irq)
-        self.q = DriverQueue(self.mem, 0x10000, QSIZE, data_size=data)
+        # the split ring (§2.7), or the packed one (§2.8): a packed driver negotiates VIRTIO_F_RING_PACKED
+        self.q: DriverQueue | PackedDriverQueue = (PackedDriverQueue if packed else DriverQueue)(
+            self.mem, 0x10000, QSIZE, data_size=data)
         setup_device(self.t, [self.q])
         # One slot per request in flight: header (16 B), data (page-aligned), status byte.
         self.slots = []
@@ -261,6 +263,23 @@ class QueueSet:
         return sum(counts) / (time.perf_counter() - t0)
 
 
+def measure_layouts(seconds: float, rounds: int, image: Path) -> list[tuple[str, int, float]]:
+    """4 KiB random reads through the page cache, QD 1 and 32, on a split and on a packed ring
+    (layout, qd, device requests/s: the time inside notify)."""
+    out = []
+    offsets = offsets_for(4096, True, 4096)
+    for qd in DEPTHS:
+        for layout in ("split", "packed"):
+            rig = Rig(image, direct=False, block=4096, depth=qd, packed=layout == "packed")
+            try:
+                rig.batch(VIRTIO_BLK_T_IN, offsets[:qd])
+                out.append((layout, qd, statistics.median(run_device(rig, VIRTIO_BLK_T_IN, offsets, seconds)[0]
+                                                          for _ in range(rounds))))
+            finally:
+                rig.close()
+    return out
+
+
 def measure_queues(seconds: float, rounds: int, image: Path) -> list[tuple[str, int, float]]:
     """4 KiB random reads at QD 32 per queue, one queue and two, side by side (cache, queues, req/s)."""
     out = []
@@ -331,11 +350,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     try:
         rows = measure(args.seconds, args.rounds, image)
         multi = measure_queues(args.seconds, args.rounds, image)
+        layouts = measure_layouts(args.seconds, args.rounds, image)
         prof = "" if args.no_profile else profile(image, 2.0)
     finally:
         image.unlink()
     print("virtio-blk device model vs its limit (median of rounds; device = time inside notify)")
     print(table(rows))
+    print("\nsplit vs packed virtqueue, 4 KiB random reads, page cache; device requests/s (time inside notify)")
+    for layout, qd, rate in layouts:
+        print(f"  {layout:7} qd {qd:>2}  {rate:>12,.0f}/s")
     print("\n1 vs 2 request queues (VIRTIO_BLK_F_MQ), 4 KiB random reads, QD 32 per queue, a driver thread per"
           " queue; requests/s, wall clock")
     for cache, queues, rate in multi:
@@ -346,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
         "queues": [{"cache": c, "queues": n, "per_s": r} for c, n, r in multi],
+        "layouts": [{"layout": layout, "qd": qd, "per_s": r} for layout, qd, r in layouts],
         "fio": shutil.which("fio") is not None,
         "profile": prof,
     }

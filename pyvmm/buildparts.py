@@ -194,7 +194,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
         name = f"vd{chr(ord('a') + index)}"
         trace = tracer.hook(name, irq=f"irqfd (GSI {irq})") if tracer is not None else None
         transport = VirtioMmioTransport(device, mem, irqfd(vm, stack, irq, deferred_irqfds), trace=trace,
-                                        version=config.virtio_mmio_version)
+                                        version=config.virtio_mmio_version, ring=disk_cfg.ring)
         mmio.add(base, window, transport, f"virtio-blk{index}")
         for q in range(len(device.queue_max_sizes) if use_ioeventfd else 0):
             efd = EventFd()
@@ -212,6 +212,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
                 else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
         legacy = " (legacy virtio-mmio version 1)" if transport.legacy else ""
         queues = f", {device.num_queues} queues" if device.num_queues > 1 else ""
+        queues += f", {transport.ring} ring" if transport.ring != "auto" else ""
         report.notes.append(f"{name}: {disk_cfg.path}{mode} at {base:#x} irq {irq}{legacy}{queues}")
 
 

@@ -57,11 +57,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, metavar="N", help=f"number of vCPUs (default: {d.cpus})")
     p.add_argument("--disk", action="append", dest="disks", metavar="SPEC",
                    help="virtio-blk disk: path=IMG[,readonly=on][,serial=ID][,cache=writeback|none]"
-                        "[,discard=on|off][,snapshot=on][,queues=N]; snapshot=on: the guest may write, but its "
+                        "[,discard=on|off][,snapshot=on][,queues=N][,ring=auto|split|packed]; snapshot=on: the "
+                        "guest may write, but its "
                         "writes go to a temporary overlay (in $TMPDIR, else /var/tmp) that is discarded at exit, "
                         "and IMG is only read; queues=N: request queues (default one per vCPU; above 1 the "
-                        "device offers multiqueue and serves its queues at the same time); repeat for vdb, "
-                        "vdc, ... (replaces the config file's disks)")
+                        "device offers multiqueue and serves its queues at the same time); ring: the virtqueue "
+                        "layout, auto (default: the packed one is offered and the guest chooses), split or "
+                        "packed (required); repeat for vdb, vdc, ... (replaces the config file's disks)")
     p.add_argument("--console", metavar="WHERE",
                    help="guest console: stdio (default), none, or file:PATH")
     p.add_argument("--boot", choices=("elf", "guest"),

@@ -126,6 +126,7 @@ def check_gdb(text: str | None) -> str | None:
 
 
 MAX_DISK_QUEUES = 64
+RING_LAYOUTS = ("auto", "split", "packed")
 
 
 def _parse_queues(text: str) -> int:
@@ -158,6 +159,9 @@ class DiskConfig:
     snapshot: bool = False
     # virtio-blk request queues (VIRTIO_BLK_F_MQ when more than one); None: one per vCPU
     queues: int | None = None
+    # virtqueue layout: "auto" offers the packed one (virtio 1.2 §2.8) and the guest chooses, "split" does
+    # not offer it, "packed" requires it
+    ring: str = "auto"
 
     def __post_init__(self) -> None:
         # Checked here, not only in parse(), so that a DiskConfig made in Python is held to the same rules.
@@ -168,13 +172,15 @@ class DiskConfig:
             raise ConfigError(f"bad cache mode {self.cache!r}: expected writeback or none")
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise ConfigError(f"disk serial {self.serial!r} is longer than 20 bytes (virtio-blk GET_ID limit)")
+        if self.ring not in RING_LAYOUTS:
+            raise ConfigError(f"bad ring layout {self.ring!r}: expected auto, split or packed")
         if self.queues is not None and (isinstance(self.queues, bool) or not 1 <= self.queues <= MAX_DISK_QUEUES):
             raise ConfigError(f"bad disk queue count {self.queues!r}: expected 1..{MAX_DISK_QUEUES}")
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
         """Parse ``path=IMG[,readonly=on][,serial=ID][,cache=writeback|none][,discard=on|off][,snapshot=on|off]
-        [,queues=N]``.
+        [,queues=N][,ring=auto|split|packed]``.
 
         A bare ``IMG`` (no ``=``) is accepted as the path.
         """
@@ -194,7 +200,7 @@ class DiskConfig:
     @classmethod
     def from_values(cls, values: dict[str, str], *, where: str) -> DiskConfig:
         """Build from ``--disk`` keys and their text values (also used for ``[[disk]]`` config tables)."""
-        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard", "snapshot", "queues"}
+        unknown = set(values) - {"path", "readonly", "ro", "serial", "cache", "discard", "snapshot", "queues", "ring"}
         if unknown:
             raise ConfigError(f"unknown --disk key(s) {', '.join(sorted(unknown))} in {where}")
         if not values.get("path"):
@@ -208,6 +214,7 @@ class DiskConfig:
             discard=_parse_bool("discard", values.get("discard", "on")),
             snapshot=_parse_bool("snapshot", values.get("snapshot", "off")),
             queues=_parse_queues(values["queues"]) if "queues" in values else None,
+            ring=values.get("ring", "auto"),
         )
 
 

@@ -158,6 +158,8 @@ class RunSettings:
             put("snapshot", disk.snapshot)
             if disk.queues is not None:
                 put("queues", disk.queues)
+            if disk.ring != "auto":
+                put("ring", disk.ring)
         return "\n".join(out) + "\n"
 
 

@@ -13,6 +13,7 @@ Selectors (``--trace``, comma-separated): ``virtio`` (every class), or ``virtio.
 :data:`EVENT_CLASSES`; ``none`` (or an empty string) turns tracing off.  The classes follow one request:
 
 ========  =================================================================================
+setup     the driver set the device up (DRIVER_OK): its queues, their layout (split or packed)
 notify    the driver kicked a queue (QueueNotify via an ioeventfd, or a trapped MMIO write)
 pop       the device popped a descriptor chain off the available ring (buffers, lengths, direction)
 req       the device decoded the request in the chain (virtio-blk: type, sector, bytes)
@@ -37,9 +38,9 @@ from pyvmm.errors import ConfigError
 
 TraceHook = Callable[[str], None]
 
-EVENT_CLASSES = ("notify", "pop", "req", "io", "used", "irq", "ack", "reset")
+EVENT_CLASSES = ("setup", "notify", "pop", "req", "io", "used", "irq", "ack", "reset")
 TRACE_OFF = ("none", "off")
-_KIND_CLASS = {"needs": "reset"}  # raw event word -> class, where they differ
+_KIND_CLASS = {"needs": "reset", "ready": "setup"}  # raw event word -> class, where they differ
 
 
 def parse_selectors(items: Iterable[str]) -> frozenset[str]:
@@ -84,6 +85,11 @@ def describe(event: str, *, irq: str = "") -> tuple[str, str]:
     kind = words[0] if words else "?"
     cls = _KIND_CLASS.get(kind, kind)
     f = _fields(words[1:])
+    if kind == "ready":
+        layout = f.get("layout", "?")
+        why = " (VIRTIO_F_RING_PACKED negotiated)" if layout == "packed" else ""
+        return cls, (f"DRIVER_OK: {f.get('queues', '?')} queue(s) live, {layout} virtqueue layout{why}, "
+                     f"features {f.get('features', '?')}")
     if kind == "notify":
         via = "caught by an ioeventfd" if f.get("via") == "ioeventfd" else "trapped as an MMIO exit"
         return cls, f"queue {f.get('q', '?')}: QueueNotify written by the guest, {via}"
@@ -101,6 +107,9 @@ def describe(event: str, *, irq: str = "") -> tuple[str, str]:
         return cls, (f"head {f.get('head')}: I/O done on the host, status {f.get('status')}, "
                      f"{f.get('data', '?')} data bytes written into guest buffers")
     if kind == "used":
+        if "slot" in f:  # a packed queue: the used descriptor's slot in the one ring
+            return cls, (f"buffer {f.get('head')}: used descriptor written, len {f.get('len')}, next used slot "
+                         f"{f.get('slot')} (wrap {f.get('wrap')})")
         return cls, (f"head {f.get('head')}: returned in the used ring, len {f.get('len')}, "
                      f"used.idx now {f.get('idx')}")
     if kind == "irq":

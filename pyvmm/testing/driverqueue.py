@@ -170,6 +170,142 @@ class DriverQueue:
         return self.mem.read(addr, length)
 
 
+# The packed layout (§2.8.13 struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; },
+# §2.8.10 struct pvirtq_event_suppress { le16 desc; le16 flags; }), again mirrored.
+_PDESC = struct.Struct("<QIHH")
+_EVENT = struct.Struct("<HH")
+P_AVAIL, P_USED = 1 << 7, 1 << 15
+EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC = 0, 1, 2
+
+
+class PackedDriverQueue:
+    """A driver-side packed virtqueue (§2.8) of ``size`` descriptors at guest address ``base``: the
+    descriptor ring, then the driver's event suppression structure (the driver area), the device's (the
+    device area), and a data area as :class:`DriverQueue` has.  Buffer IDs are handed out from a free
+    list, so completions may come back in any order; every descriptor of a chain carries its ID, and the
+    first descriptor's flags are written last (§2.8.21), so the device never sees half a chain."""
+
+    packed = True
+
+    def __init__(self, mem: GuestMemory, base: int, size: int, *, data_size: int = 1 << 20) -> None:
+        if not 1 <= size <= 32768:
+            raise ValueError("queue size must be 1..32768")
+        self.mem = mem
+        self.size = size
+        self.desc_addr = base
+        self.avail_addr = base + 16 * size  # driver area (§2.8.10: the driver's event suppression)
+        self.used_addr = self.avail_addr + 4  # device area (the device's)
+        self.ring_end = self.used_addr + 4
+        self.data_base = (self.ring_end + 4095) & ~4095
+        self.data_end = self.data_base + data_size
+        if not mem.contains(base, self.data_end - base):
+            raise ValueError("PackedDriverQueue area does not fit in guest memory")
+        mem.fill(base, self.ring_end - base)
+        self.next_avail = 0
+        self.avail_wrap = True  # §2.8.1: both counters start at 1
+        self.next_used = 0
+        self.used_wrap = True
+        self._free_ids = list(range(size - 1, -1, -1))
+        self._free_slots = size
+        self._slots: dict[int, int] = {}  # buffer ID -> ring slots its chain took
+        self.buffers: dict[int, list[tuple[int, int, bool]]] = {}
+        self.reset_data()
+
+    @property
+    def free_descriptors(self) -> int:
+        return self._free_slots
+
+    def reset_data(self) -> None:
+        self._next_data = self.data_base
+
+    def alloc(self, length: int, align: int = 16) -> int:
+        addr = (self._next_data + align - 1) // align * align
+        if addr + length > self.data_end:
+            self.reset_data()
+            addr = self.data_base
+            if addr + length > self.data_end:
+                raise ValueError(f"buffer of {length} bytes does not fit in the data area")
+        self._next_data = addr + length
+        return addr
+
+    def add_chain(self, buffers: Sequence[Buffer], *, indirect: bool = False, publish: bool = True) -> int:
+        placed: list[tuple[int, int, bool]] = []
+        for content, writable in buffers:
+            length = content if isinstance(content, int) else len(content)
+            addr = self.alloc(length)
+            if isinstance(content, int):
+                self.mem.fill(addr, length)
+            else:
+                self.mem.write(addr, content)
+            placed.append((addr, length, writable))
+        return self.add_raw_chain(placed, indirect=indirect)
+
+    def add_raw_chain(self, placed: Sequence[tuple[int, int, bool]], *, indirect: bool = False,
+                      publish: bool = True) -> int:
+        if indirect:
+            table = self.alloc(16 * len(placed), align=16)
+            for i, (addr, length, writable) in enumerate(placed):  # §2.8.8: no NEXT inside the table
+                self.mem.pack_into(_PDESC, table + 16 * i, addr, length, 0, F_WRITE if writable else 0)
+            entries = [(table, 16 * len(placed), F_INDIRECT)]
+        else:
+            entries = [(a, n, F_WRITE if w else 0) for a, n, w in placed]
+        if len(entries) > self._free_slots or not self._free_ids:
+            raise ValueError("not enough free descriptors")
+        buffer_id = self._free_ids.pop()
+        first_slot, first_flags = self.next_avail, 0
+        for i, (addr, length, flags) in enumerate(entries):
+            flags |= F_NEXT if i + 1 < len(entries) else 0
+            flags |= P_AVAIL if self.avail_wrap else P_USED  # AVAIL = wrap, USED = !wrap (§2.8.1)
+            at = self.desc_addr + 16 * self.next_avail
+            if i == 0:
+                self.mem.pack_into(_PDESC, at, addr, length, buffer_id, 0)  # flags last, below
+                first_flags = flags
+            else:
+                self.mem.pack_into(_PDESC, at, addr, length, buffer_id, flags)
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail, self.avail_wrap = 0, not self.avail_wrap
+        self.mem.pack_into(_U16, self.desc_addr + 16 * first_slot + 14, first_flags)
+        self._slots[buffer_id] = len(entries)
+        self._free_slots -= len(entries)
+        self.buffers[buffer_id] = list(placed)
+        return buffer_id
+
+    # -- notification suppression (§2.8.10) -------------------------------------------------------
+    def set_driver_event(self, flags: int, off: int = 0, wrap: bool = True) -> None:
+        self.mem.pack_into(_EVENT, self.avail_addr, (off & 0x7FFF) | (int(wrap) << 15), flags)
+
+    def set_no_interrupt(self, on: bool) -> None:
+        self.set_driver_event(EVENT_DISABLE if on else EVENT_ENABLE)
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        off_wrap, flags = self.mem.unpack_from(_EVENT, self.used_addr)
+        return int(off_wrap), int(flags)
+
+    # -- used descriptors -------------------------------------------------------------------------
+    def get_used(self) -> list[UsedElement]:
+        """Used descriptors the device wrote since the last call (AVAIL == USED == our used wrap counter)."""
+        out: list[UsedElement] = []
+        while self._slots:
+            _, length, buffer_id, flags = self.mem.unpack_from(_PDESC, self.desc_addr + 16 * self.next_used)
+            if bool(flags & P_AVAIL) != self.used_wrap or bool(flags & P_USED) != self.used_wrap:
+                break
+            slots = self._slots.pop(buffer_id)  # KeyError: the device returned an ID it was not given
+            out.append(UsedElement(buffer_id, length))
+            self._free_ids.append(buffer_id)
+            self._free_slots += slots
+            self.next_used += slots
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap = not self.used_wrap
+        return out
+
+    def read_buffer(self, head: int, index: int) -> bytes:
+        addr, length, _ = self.buffers[head][index]
+        return self.mem.read(addr, length)
+
+
 class MmioTransport(Protocol):
     def read(self, offset: int, size: int) -> int: ...
 
@@ -181,6 +317,7 @@ _STATUS, _DEV_FEAT, _DEV_FEAT_SEL, _DRV_FEAT, _DRV_FEAT_SEL = 0x70, 0x10, 0x14, 
 _QSEL, _QNUM_MAX, _QNUM, _QREADY = 0x30, 0x34, 0x38, 0x44
 _QDESC, _QDRIVER, _QDEVICE = 0x80, 0x90, 0xA0
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+F_RING_PACKED = 1 << 34  # §6: a driver accepts it only if it drives packed queues
 
 
 class SetupError(Exception):
@@ -188,7 +325,8 @@ class SetupError(Exception):
 
 
 def setup_device(
-    transport: MmioTransport, queues: Sequence[DriverQueue], *, features: int | None = None, mask: int = -1
+    transport: MmioTransport, queues: Sequence[DriverQueue | PackedDriverQueue], *, features: int | None = None,
+    mask: int = -1,
 ) -> int:
     """Initialise a device as a driver does (§3.1.1) and return the negotiated features.
 
@@ -202,6 +340,11 @@ def setup_device(
         transport.write(_DEV_FEAT_SEL, 4, sel)
         offered |= transport.read(_DEV_FEAT, 4) << (32 * sel)
     accepted = offered & mask if features is None else features
+    packed = [getattr(q, "packed", False) for q in queues]
+    if features is None and not all(packed):
+        accepted &= ~F_RING_PACKED  # this driver lays its queues out split (§2.7)
+    if any(packed) and not accepted & F_RING_PACKED:
+        raise SetupError("packed queues, but VIRTIO_F_RING_PACKED is not negotiated")
     for sel in (0, 1):
         transport.write(_DRV_FEAT_SEL, 4, sel)
         transport.write(_DRV_FEAT, 4, (accepted >> (32 * sel)) & 0xFFFFFFFF)

@@ -46,11 +46,18 @@ def rootfs(pyvmm_images: PyvmmImages, images: Path, tmp_path: Path) -> Path:
 
 
 def test_root_on_virtio_blk_read_write(boot: Boot, images: Path, rootfs: Path, software_kvm: bool) -> None:
+    """The root disk offers the packed virtqueue (ring=auto) and the data disk does not (ring=split): the
+    trace shows which layout each device's queues took."""
     before = _mount_count(rootfs)
     data = rootfs.parent / "data.img"
     data.write_bytes(b"\0" * (1 << 20))
+    trace = rootfs.parent / "trace.txt"
     vm: VM = boot(initrd=None, memory="256M",  # the kernel under test: --pyvmm-kernel (default images/out/vmlinux)
-                  disks=[f"path={rootfs}", f"path={data},readonly=on,serial=data0"], cmdline=f"{ROOT_ARGS} rw")
+                  disks=[f"path={rootfs}", f"path={data},readonly=on,serial=data0,ring=split"],
+                  cmdline=f"{ROOT_ARGS} rw", extra_args=["--trace", "virtio.setup", "--trace-file", str(trace)])
+    setups = trace.read_text()
+    assert re.search(r"vda\s+setup\s+DRIVER_OK: 1 queue\(s\) live, packed virtqueue layout", setups), setups
+    assert re.search(r"vdb\s+setup\s+DRIVER_OK: 1 queue\(s\) live, split virtqueue layout", setups), setups
     console = vm.console_text
     assert re.search(r"virtio_blk virtio0: \[vda\] 131072 512-byte logical blocks", console), vm.explain()
     assert re.search(r"virtio_blk virtio1: \[vdb\] 2048 512-byte logical blocks", console), vm.explain()

@@ -91,27 +91,28 @@ def test_trace_of_a_read_then_a_write_and_flush(traced: TracedRig) -> None:
     t.write(m.REG_QUEUE_NOTIFY, 4, 0)  # no ioeventfd: a trapped MMIO write
     t.write(m.REG_INTERRUPT_ACK, 4, 1)
     expected = [
-        "+0.000125 vda  notify  queue 0: QueueNotify written by the guest, caught by an ioeventfd",
-        "+0.000250 vda  pop     head 7: chain of 3 descriptors [16 out, 1024 in, 1 in], device reads 16 B, "
+        "+0.000125 vda  setup   DRIVER_OK: 1 queue(s) live, split virtqueue layout, features 0x130006244",
+        "+0.000250 vda  notify  queue 0: QueueNotify written by the guest, caught by an ioeventfd",
+        "+0.000375 vda  pop     head 7: chain of 3 descriptors [16 out, 1024 in, 1 in], device reads 16 B, "
         "may write 1025 B",
-        "+0.000375 vda  req     head 7: type VIRTIO_BLK_T_IN(read), sector 4, 1024 data bytes",
-        "+0.000500 vda  io      head 7: I/O done on the host, status OK, 1024 data bytes written into guest "
+        "+0.000500 vda  req     head 7: type VIRTIO_BLK_T_IN(read), sector 4, 1024 data bytes",
+        "+0.000625 vda  io      head 7: I/O done on the host, status OK, 1024 data bytes written into guest "
         "buffers",
-        "+0.000625 vda  used    head 7: returned in the used ring, len 1025, used.idx now 1",
-        "+0.000750 vda  irq     used buffer: InterruptStatus |= 0x1, interrupt sent via irqfd (GSI 5)",
-        "+0.000875 vda  ack     guest wrote InterruptACK 0x1, InterruptStatus now 0x0",
-        "+0.001000 vda  notify  queue 0: QueueNotify written by the guest, trapped as an MMIO exit",
-        "+0.001125 vda  pop     head 5: chain of 3 descriptors [16 out, 512 out, 1 in], device reads 528 B, "
+        "+0.000750 vda  used    head 7: returned in the used ring, len 1025, used.idx now 1",
+        "+0.000875 vda  irq     used buffer: InterruptStatus |= 0x1, interrupt sent via irqfd (GSI 5)",
+        "+0.001000 vda  ack     guest wrote InterruptACK 0x1, InterruptStatus now 0x0",
+        "+0.001125 vda  notify  queue 0: QueueNotify written by the guest, trapped as an MMIO exit",
+        "+0.001250 vda  pop     head 5: chain of 3 descriptors [16 out, 512 out, 1 in], device reads 528 B, "
         "may write 1 B",
-        "+0.001250 vda  req     head 5: type VIRTIO_BLK_T_OUT(write), sector 0, 512 data bytes",
-        "+0.001375 vda  io      head 5: I/O done on the host, status OK, 0 data bytes written into guest buffers",
-        "+0.001500 vda  used    head 5: returned in the used ring, len 1, used.idx now 2",
-        "+0.001625 vda  pop     head 4: chain of 2 descriptors [16 out, 1 in], device reads 16 B, may write 1 B",
-        "+0.001750 vda  req     head 4: type VIRTIO_BLK_T_FLUSH, 0 data bytes",
-        "+0.001875 vda  io      head 4: I/O done on the host, status OK, 0 data bytes written into guest buffers",
-        "+0.002000 vda  used    head 4: returned in the used ring, len 1, used.idx now 3",
-        "+0.002125 vda  irq     used buffer: InterruptStatus |= 0x1, interrupt sent via irqfd (GSI 5)",
-        "+0.002250 vda  ack     guest wrote InterruptACK 0x1, InterruptStatus now 0x0",
+        "+0.001375 vda  req     head 5: type VIRTIO_BLK_T_OUT(write), sector 0, 512 data bytes",
+        "+0.001500 vda  io      head 5: I/O done on the host, status OK, 0 data bytes written into guest buffers",
+        "+0.001625 vda  used    head 5: returned in the used ring, len 1, used.idx now 2",
+        "+0.001750 vda  pop     head 4: chain of 2 descriptors [16 out, 1 in], device reads 16 B, may write 1 B",
+        "+0.001875 vda  req     head 4: type VIRTIO_BLK_T_FLUSH, 0 data bytes",
+        "+0.002000 vda  io      head 4: I/O done on the host, status OK, 0 data bytes written into guest buffers",
+        "+0.002125 vda  used    head 4: returned in the used ring, len 1, used.idx now 3",
+        "+0.002250 vda  irq     used buffer: InterruptStatus |= 0x1, interrupt sent via irqfd (GSI 5)",
+        "+0.002375 vda  ack     guest wrote InterruptACK 0x1, InterruptStatus now 0x0",
     ]
     assert traced.lines() == expected
 

@@ -114,7 +114,7 @@ def test_device_features_by_select(rig: Rig) -> None:
     rig.w(m.REG_DEVICE_FEATURES_SEL, 0)
     assert rig.r(m.REG_DEVICE_FEATURES) == FEATURE_X | d.VIRTIO_F_EVENT_IDX
     rig.w(m.REG_DEVICE_FEATURES_SEL, 1)
-    assert rig.r(m.REG_DEVICE_FEATURES) == 1  # VERSION_1 is bit 32
+    assert rig.r(m.REG_DEVICE_FEATURES) == 1 | 4  # VERSION_1 is bit 32; the transport offers RING_PACKED (34)
     rig.w(m.REG_DEVICE_FEATURES_SEL, 7)
     assert rig.r(m.REG_DEVICE_FEATURES) == 0
 
@@ -296,7 +296,8 @@ def test_notify_processes_and_interrupts(rig: Rig) -> None:
     rig.t.notify(1)  # the event-loop path; nothing available: no interrupt
     rig.t.notify(9)  # no such queue
     assert rig.irq.count == 1
-    assert rig.events[:1] == ["notify q=0"] and "irq used" in rig.events and any(e.startswith("ack value=0x1") for e in rig.events)
+    assert rig.events[:2] == ["ready queues=2 layout=split features=0x100000008", "notify q=0"]
+    assert "irq used" in rig.events and any(e.startswith("ack value=0x1") for e in rig.events)
 
 
 def test_malformed_chain_sets_needs_reset(rig: Rig) -> None:

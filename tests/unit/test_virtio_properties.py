@@ -32,7 +32,13 @@ from pyvmm.devices.virtio.disk import RawDisk
 from pyvmm.devices.virtio.queue import DescriptorChain
 from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
-from pyvmm.testing.driverqueue import DriverQueue, UsedElement, setup_device, setup_legacy_device
+from pyvmm.testing.driverqueue import (
+    DriverQueue,
+    PackedDriverQueue,
+    UsedElement,
+    setup_device,
+    setup_legacy_device,
+)
 from tests.conftest import count_example
 
 EXAMPLES = int(os.environ.get("PYVMM_HYPOTHESIS_EXAMPLES", "300"))
@@ -71,14 +77,18 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RawDisk]:
 class Rig:
     """virtio-blk over virtio-mmio ``version`` 2, or the legacy 1 (same rings, set up through QueuePFN)."""
 
-    def __init__(self, disk: RawDisk, features_off: int, version: int = 2) -> None:
+    def __init__(self, disk: RawDisk, features_off: int, version: int = 2, layout: str = "split") -> None:
         self.mem = GuestMemory.single(MEM_SIZE)
         self.dev = b.VirtioBlock(disk, serial="prop", queue_size=QSIZE)
         self.irq = CountingIrq()
         self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq, version=version)
-        self.q = DriverQueue(self.mem, QBASE, QSIZE, data_size=DATA_SIZE)
-        setup = setup_device if version == 2 else setup_legacy_device
-        self.features = setup(self.t, [self.q], mask=~features_off)
+        queue = PackedDriverQueue if layout == "packed" and version == 2 else DriverQueue
+        self.q: DriverQueue | PackedDriverQueue = queue(self.mem, QBASE, QSIZE, data_size=DATA_SIZE)
+        if version == 2:
+            self.features = setup_device(self.t, [self.q], mask=~features_off)
+        else:
+            assert isinstance(self.q, DriverQueue)
+            self.features = setup_legacy_device(self.t, [self.q], mask=~features_off)
 
     def slot(self, k: int) -> int:
         return self.q.data_base + k * SLOT
@@ -261,12 +271,15 @@ request = st.tuples(
     reqs=st.lists(request, min_size=1, max_size=2 * QSIZE),
     off=st.sets(st.sampled_from(OPTIONAL_FEATURES)).map(sum),
     version=VERSIONS,
+    layout=st.sampled_from(["split", "packed"]),
 )
 def test_well_formed_requests_used_exactly_once(
-    disk: RawDisk, reqs: list[tuple[int, int, int, list[int], bool, int]], off: int, version: int
+    disk: RawDisk, reqs: list[tuple[int, int, int, list[int], bool, int]], off: int, version: int, layout: str
 ) -> None:
+    """Over the split ring (§2.7) and the packed one (§2.8), through either transport version (the legacy
+    one has split queues only)."""
     count_example("well_formed_requests_used_exactly_once")
-    rig = Rig(disk, off, version)
+    rig = Rig(disk, off, version, layout)
     q = rig.q
     shadow = bytearray(os.pread(disk.fd, SECTORS * 512, 0))  # the disk as the requests should see it
     unknown: set[int] = set()  # discarded sectors: contents unspecified (§5.2.6.2 "MAY deallocate")

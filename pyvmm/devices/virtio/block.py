@@ -45,10 +45,11 @@ from pyvmm.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
+    AnyVirtqueue,
     VirtioDevice,
 )
 from pyvmm.devices.virtio.disk import SECTOR_SIZE, Disk, RawDisk
-from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue
+from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain
 from pyvmm.devices.virtio.snapshot import SnapshotDisk
 from pyvmm.memory import GuestMemory
 
@@ -158,7 +159,7 @@ class VirtioBlock(VirtioDevice):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1,  # write zeroes; may_unmap
             0, 0, 0,  # secure erase (not offered)
         )  # fmt: skip
-        self._queues: list[Virtqueue] = []
+        self._queues: list[AnyVirtqueue] = []
         self.reset()
 
     @classmethod
@@ -184,7 +185,7 @@ class VirtioBlock(VirtioDevice):
     def config_bytes(self) -> bytes:
         return self._config
 
-    def activate(self, mem: GuestMemory, queues: Sequence[Virtqueue], features: int) -> None:
+    def activate(self, mem: GuestMemory, queues: Sequence[AnyVirtqueue], features: int) -> None:
         self._queues = list(queues)
         self._negotiated = features
         # §5.2.6.2: without FLUSH negotiated the driver cannot ask for stability, so every write is
@@ -217,7 +218,11 @@ class VirtioBlock(VirtioDevice):
                 queue.push_used(mem, chain.head, written)
                 advanced = True
                 if trace is not None:
-                    trace(f"used head={chain.head} len={written} idx={queue.used_idx}")
+                    if queue.layout == "packed":
+                        trace(f"used head={chain.head} len={written} slot={queue.used_idx} "
+                              f"wrap={int(getattr(queue, 'used_wrap', False))}")
+                    else:
+                        trace(f"used head={chain.head} len={written} idx={queue.used_idx}")
                 chain = queue.pop(mem)
             if not queue.enable_notification(mem):
                 return advanced

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from pyvmm.devices.virtio.packed import PackedVirtqueue
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.memory import GuestMemory
+
+# A queue of either layout (§2.7 split, §2.8 packed): the same interface to a device.
+AnyVirtqueue = Virtqueue | PackedVirtqueue
 
 # §6 Reserved feature bits (device-independent).
 VIRTIO_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
+VIRTIO_F_RING_PACKED = 1 << 34  # §6: the packed virtqueue layout (§2.8) may be used
 
 TraceHook = Callable[[str], None]
 
@@ -53,7 +58,7 @@ class VirtioDevice:
     def write_config(self, offset: int, size: int, value: int) -> None:
         """A driver write to the config space; read-only by default (ignored)."""
 
-    def activate(self, mem: GuestMemory, queues: Sequence[Virtqueue], features: int) -> None:
+    def activate(self, mem: GuestMemory, queues: Sequence[AnyVirtqueue], features: int) -> None:
         """The driver set DRIVER_OK with ``features`` negotiated; the queues are configured."""
 
     def reset(self) -> None:

@@ -38,10 +38,13 @@ from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
+    AnyVirtqueue,
     TraceHook,
     VirtioDevice,
 )
+from pyvmm.devices.virtio.packed import PackedVirtqueue
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.interrupt import IrqLine
@@ -89,6 +92,7 @@ MAGIC_VALUE = 0x74726976
 MMIO_VERSION = 2
 LEGACY_VERSION = 1
 MMIO_VERSIONS = (LEGACY_VERSION, MMIO_VERSION)
+RING_MODES = ("auto", "split", "packed")
 # §4.2.4: QueueAlign before the driver writes one; what Linux writes (its PAGE_SIZE) and QEMU assumes
 LEGACY_DEFAULT_ALIGN = 4096
 _VERSION_2_ONLY = frozenset((REG_QUEUE_READY, REG_QUEUE_DESC_LOW, REG_QUEUE_DESC_HIGH, REG_QUEUE_DRIVER_LOW,
@@ -124,9 +128,15 @@ class VirtioMmioTransport:
         *,
         trace: TraceHook | None = None,
         version: int = MMIO_VERSION,
+        ring: str = "auto",
     ) -> None:
         if version not in MMIO_VERSIONS:
             raise ValueError(f"virtio-mmio version {version}: expected 1 (legacy) or 2")
+        if ring not in RING_MODES:
+            raise ValueError(f"virtqueue layout {ring!r}: expected one of {', '.join(RING_MODES)}")
+        # "auto" offers VIRTIO_F_RING_PACKED and the driver chooses; "packed" requires it (FEATURES_OK is
+        # refused without it); "split" does not offer it.  A legacy device has no packed queues.
+        self.ring = "split" if version == LEGACY_VERSION else ring
         self.version = version
         self.legacy = version == LEGACY_VERSION
         # Legacy: written once by the driver when it finds the device, before any reset; a reset keeps it
@@ -137,7 +147,7 @@ class VirtioMmioTransport:
         self.irq = irq
         self.trace = trace
         device.trace = trace
-        self.queues = [Virtqueue(n) for n in device.queue_max_sizes]
+        self.queues: list[AnyVirtqueue] = [Virtqueue(n) for n in device.queue_max_sizes]
         self._lock = threading.Lock()
         self._queue_locks = [threading.Lock() for _ in self.queues]
         self._warn_log = LogLimiter()  # what the guest can make us log, rate-limited
@@ -156,8 +166,8 @@ class VirtioMmioTransport:
         self._live_queues: set[int] = set()  # the queues that were ready at DRIVER_OK
         self.queue_pfn = [0] * len(self.queues)  # legacy QueuePFN per queue
         self.queue_align = [LEGACY_DEFAULT_ALIGN] * len(self.queues)  # legacy QueueAlign per queue
-        for q in self.queues:
-            q.reset()
+        # Split queues until a driver negotiates VIRTIO_F_RING_PACKED (then _use_layout swaps them)
+        self.queues = [Virtqueue(n) for n in self.device.queue_max_sizes]
 
     # -- BusDevice ---------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -199,9 +209,12 @@ class VirtioMmioTransport:
 
     @property
     def device_features(self) -> int:
-        """What the device offers through this transport: a legacy device is not a virtio 1.x one."""
+        """What the device offers through this transport: a legacy device is not a virtio 1.x one, and
+        the packed layout is offered unless the disk says split (RING_PACKED is a transport feature)."""
         features = self.device.device_features
-        return features & ~VIRTIO_F_VERSION_1 if self.legacy else features
+        if self.legacy:
+            return features & ~VIRTIO_F_VERSION_1
+        return features | VIRTIO_F_RING_PACKED if self.ring != "split" else features
 
     def _read_register(self, offset: int) -> int:
         if offset in (_LEGACY_ONLY if not self.legacy else _VERSION_2_ONLY):
@@ -246,7 +259,7 @@ class VirtioMmioTransport:
                 held.enter_context(lock)
             yield
 
-    def _selected_queue(self) -> Virtqueue | None:
+    def _selected_queue(self) -> AnyVirtqueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
     def _write_register(self, offset: int, value: int) -> None:
@@ -310,7 +323,7 @@ class VirtioMmioTransport:
         self.queue_pfn[index] = value
         q.ready = True
 
-    def _ring_outside_ram(self, q: Virtqueue) -> str | None:
+    def _ring_outside_ram(self, q: AnyVirtqueue) -> str | None:
         end = q.used_addr + 6 + 8 * q.size
         if not self.mem.contains(q.desc_addr, end - q.desc_addr):
             return f"queue area {q.desc_addr:#x}..{end:#x} is not in guest RAM"
@@ -376,8 +389,12 @@ class VirtioMmioTransport:
             old = self.status
             # The driver never clears bits (§2.1.1) and never sets DEVICE_NEEDS_RESET itself.
             new = old | (value & _DRIVER_STATUS_BITS)
-            if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and not self._features_acceptable():
-                new &= ~STATUS_FEATURES_OK  # §2.2.2: refused, the driver sees the bit clear on read-back
+            if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+                if not self._features_acceptable():
+                    new &= ~STATUS_FEATURES_OK  # §2.2.2: refused, the driver sees the bit clear on read-back
+                elif self.driver_features & VIRTIO_F_RING_PACKED:
+                    # The driver sets the queues up after FEATURES_OK (§3.1.1), in the negotiated layout.
+                    self.queues = [PackedVirtqueue(n) for n in self.device.queue_max_sizes]
             if new & STATUS_DRIVER_OK and not new & STATUS_FEATURES_OK and not self.legacy:
                 new &= ~STATUS_DRIVER_OK  # §3.1.1: DRIVER_OK only after a successful FEATURES_OK
             if new & STATUS_DRIVER_OK and not self.activated:
@@ -390,10 +407,15 @@ class VirtioMmioTransport:
                 self._live_queues = {i for i, q in enumerate(self.queues) if q.ready}
             self.status = new
         if activate:
+            if self.trace is not None:
+                self.trace(f"ready queues={len(self._live_queues)} layout={self.queues[0].layout} "
+                           f"features={features:#x}")
             self.device.activate(self.mem, self.queues, features)
 
     def _features_acceptable(self) -> bool:
         offered = self.device_features
+        if self.ring == "packed" and not self.driver_features & VIRTIO_F_RING_PACKED:
+            return False  # §2.2.1: a device may refuse a subset it cannot work with
         return not self.driver_features & ~offered and (self.legacy or bool(self.driver_features & VIRTIO_F_VERSION_1))
 
     @property

@@ -104,6 +104,8 @@ def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 class Virtqueue:
     """The device side of one split virtqueue; configured by the transport, driven by a device."""
 
+    layout = "split"
+
     def __init__(self, max_size: int) -> None:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"virtqueue max size {max_size} is not a power of two in 1..32768")
