@@ -100,7 +100,7 @@ test: deps venv images lab-images arm64-images debian-images firmware
 # Benchmarks (bench/README.md): tables on stdout, JSON in bench/out/.  BENCH_ARGS=--quick skips the boot.
 BENCH_ARGS ?=
 bench: venv images firmware
-	@$(PY) -c "import psutil" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	@$(PY) -c "import psutil" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 bench-lab: deps-bench venv images lab-images

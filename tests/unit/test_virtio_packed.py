@@ -227,3 +227,24 @@ def test_disk_ring_option() -> None:
     assert DiskConfig.parse("x.img,ring=split").ring == "split"
     with pytest.raises(ConfigError, match="bad ring layout 'round'"):
         DiskConfig.parse("path=x.img,ring=round")
+
+
+def test_used_descriptors_out_of_order(rig: Rig) -> None:
+    """A device may return buffers in any order (§2.8.9): the used descriptor carries the buffer ID, and
+    the driver frees each chain's slots by its ID, whatever slot the answer landed in."""
+    q = rig.t.queues[0]
+    assert isinstance(q, PackedVirtqueue)
+    heads = [rig.q.add_chain([(b"x" * 16, False), (8, True)]) for _ in range(3)]  # 2 slots each
+    chains = [q.pop(rig.mem) for _ in range(3)]
+    assert [c.head for c in chains if c is not None] == heads
+    for c in reversed(chains):
+        assert c is not None
+        q.push_used(rig.mem, c.head, 8)
+    assert [u.head for u in rig.q.get_used()] == heads[::-1]
+    # all six slots are the driver's again: three more chains fit, the ring wraps, nothing is lost
+    more = [rig.q.add_chain([(b"y" * 16, False), (8, True)]) for _ in range(3)]
+    for _ in range(3):
+        c = q.pop(rig.mem)
+        assert c is not None
+        q.push_used(rig.mem, c.head, 8)
+    assert [u.head for u in rig.q.get_used()] == more and q.used_wrap is False
