@@ -63,21 +63,6 @@ def _addr_len(text: bytes) -> tuple[int, int]:
     return _hex(addr), _hex(length)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); loopback when no host is given."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "127.0.0.1", text
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"--gdb {text!r}: expected [HOST:]PORT, e.g. 1234 or 127.0.0.1:1234") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--gdb {text!r}: port {port} is outside 0-65535")
-    return host, port
-
-
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 

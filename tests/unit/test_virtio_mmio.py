@@ -68,12 +68,14 @@ class Dummy(d.VirtioDevice):
 
 
 class Rig:
-    def __init__(self) -> None:
+    """The dummy device behind a transport of ``version`` 2 (or the legacy 1), two driver queues."""
+
+    def __init__(self, version: int = 2) -> None:
         self.mem = GuestMemory.single(1 << 20)
         self.irq = CountingIrq()
         self.events: list[str] = []
         self.dev = Dummy()
-        self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq, trace=self.events.append)
+        self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq, trace=self.events.append, version=version)
         self.q0 = DriverQueue(self.mem, 0x10000, 16, data_size=4096)
         self.q1 = DriverQueue(self.mem, 0x20000, 8, data_size=4096)
 

@@ -16,30 +16,14 @@ from pyvmm.interrupt import CountingIrq
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.driverqueue import DriverQueue, setup_device, setup_legacy_device
 from tests.unit.test_virtio_blk import HDR, QSIZE, SECTORS, pattern, request_buffers
-from tests.unit.test_virtio_mmio import FEATURE_X, Dummy
+from tests.unit.test_virtio_mmio import FEATURE_X, Rig
 
 PAGE = 4096
 
 
-class Rig:
-    def __init__(self, version: int = 1) -> None:
-        self.mem = GuestMemory.single(1 << 20)
-        self.irq = CountingIrq()
-        self.dev = Dummy()
-        self.t = m.VirtioMmioTransport(self.dev, self.mem, self.irq, version=version)
-        self.q0 = DriverQueue(self.mem, 0x10000, 16, data_size=4096)
-        self.q1 = DriverQueue(self.mem, 0x20000, 8, data_size=4096)
-
-    def r(self, off: int) -> int:
-        return self.t.read(off, 4)
-
-    def w(self, off: int, value: int) -> None:
-        self.t.write(off, 4, value)
-
-
 @pytest.fixture
 def rig() -> Iterator[Rig]:
-    r = Rig()
+    r = Rig(version=1)
     yield r
     r.mem.close()
 
@@ -65,7 +49,7 @@ def test_version_2_registers_do_not_exist_in_version_1(rig: Rig) -> None:
 
 
 def test_legacy_registers_do_not_exist_in_version_2() -> None:
-    rig = Rig(version=2)
+    rig = Rig(version=2)  # the same rig with the version 2 transport
     rig.w(m.REG_GUEST_PAGE_SIZE, PAGE)
     rig.w(m.REG_QUEUE_SEL, 0)
     rig.w(m.REG_QUEUE_PFN, 0x10)
