@@ -29,7 +29,9 @@ from pyvmm.testing.driverqueue import (
     SetupError,
     setup_device,
 )
+from tests.conftest import count_example
 from tests.unit.test_virtio_blk import SECTORS, pattern, request_buffers
+from tests.unit.test_virtio_properties import EXAMPLES
 
 QBASE = 0x10000
 PDESC = struct.Struct("<QIHH")
@@ -193,13 +195,15 @@ def test_hostile_rings_need_a_reset(rig: Rig, case: str) -> None:
     assert rig.t.read(m.REG_STATUS, 4) == 0 and isinstance(rig.t.queues[0], type(rig.t.queues[0]))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(slots=st.lists(st.tuples(st.integers(0, (2 << 20) + 0x1000), st.integers(0, 1 << 16),
                                 st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)), min_size=1, max_size=8))
 def test_garbage_rings_never_escape(image: Path, slots: list[tuple[int, int, int, int]]) -> None:
     """Random descriptors in the ring: the device answers with used descriptors or DEVICE_NEEDS_RESET,
     never an exception; it never writes the driver's event suppression structure, and a used descriptor
-    names a buffer ID that was made available."""
+    names a buffer ID that was made available.  As many examples as the split ring's garbage test."""
+    count_example("packed_garbage_rings_never_escape")
     r = Rig(image)
     try:
         for i, (addr, length, buffer_id, flags) in enumerate(slots):
