@@ -233,6 +233,8 @@ class Debugger:
         limit = self.target.hw_breakpoints if is_break else self.target.hw_watchpoints
         if used >= limit:
             return f"all {limit} hardware {'breakpoint' if is_break else 'watchpoint'} slots are in use"
+        if len(self.hw) >= self.target.hw_slots:
+            return f"all {self.target.hw_slots} hardware slots (shared by breakpoints and watchpoints) are in use"
         self.hw.append(point)
         return None
 

@@ -62,6 +62,7 @@ class DebugTarget(Protocol):
     single_step: bool  # ... and after a single step
     hw_breakpoints: int  # how many Z1 at once (0: none)
     hw_watchpoints: int  # how many Z2-Z4 at once
+    hw_slots: int  # how many of both together (x86: DR0-DR3 serve breakpoints and watchpoints alike)
     watch_types: frozenset[int]  # which of Z2/Z3/Z4 the hardware can do
 
     def describe(self) -> str:

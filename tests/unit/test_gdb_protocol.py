@@ -83,6 +83,7 @@ class FakeTarget:
     single_step = True
     hw_breakpoints = 2
     hw_watchpoints = 1
+    hw_slots = 3
     watch_types = frozenset({Z_WRITE, Z_ACCESS})
 
     def __init__(self) -> None:
@@ -253,6 +254,18 @@ def test_hardware_points_slots_and_unsupported_types(h: Harness) -> None:
     assert h.ask(f"z2,{VBASE:x},4") == "OK"
     assert h.ask(f"Z4,{VBASE + 8:x},4") == "OK"
     assert h.ask("Z9,0,1") == ""
+
+
+def test_breakpoints_and_watchpoints_share_the_slots(h: Harness) -> None:
+    """x86's DR0-DR3 serve both kinds: past the shared count nothing more is programmed (a fifth point
+    would land in DR4-DR7)."""
+    h.target.hw_slots = 2
+    assert h.ask(f"Z1,{VBASE:x},1") == "OK"
+    assert h.ask(f"Z2,{VBASE + 8:x},4") == "OK"
+    assert h.ask(f"Z1,{VBASE + 4:x},1") == "E1c"  # a breakpoint slot is free, the shared ones are not
+    assert len(h.debugger.hw) == 2
+    assert h.ask(f"z2,{VBASE + 8:x},4") == "OK"
+    assert h.ask(f"Z1,{VBASE + 4:x},1") == "OK"
 
 
 def test_resume_and_step_program_guest_debugging(h: Harness) -> None:

@@ -158,6 +158,7 @@ class X86DebugTarget:
         self.single_step = caps.single_step
         self.hw_breakpoints = 4 if caps.hw_breakpoint else 0
         self.hw_watchpoints = 4 if caps.watchpoint else 0
+        self.hw_slots = 4
         supported = vm.check_extension(abi.KVM_CAP_SET_GUEST_DEBUG2)
         # Interrupts stay blocked during a single step where KVM can (else a step lands in the timer
         # interrupt's handler more often than not)
