@@ -91,7 +91,7 @@ class EmulationAssist:
         sregs = x86.kvm_sregs()
         vcpu.get("KVM_GET_REGS", x86.KVM_GET_REGS, regs)
         vcpu.get("KVM_GET_SREGS", x86.KVM_GET_SREGS, sregs)
-        mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        mode = PagingMode.from_sregs(sregs)
         long_mode = bool(sregs.efer & EFER_LMA) and bool(sregs.cs.l)
         rip_linear = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
         try:
@@ -188,7 +188,7 @@ class EmulationAssist:
         if d.ea is None:
             src = getattr(regs, _GPR_NAMES[(d.modrm & 7) | ((d.rex & 1) << 3)]) & mask
         else:
-            mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+            mode = PagingMode.from_sregs(sregs)
             src = int.from_bytes(read_linear(self.mem, mode, d.ea, width // 8), "little")
         result = bin(src).count("1")
         dst = _GPR_NAMES[((d.modrm >> 3) & 7) | ((d.rex & 4) << 1)]

@@ -270,7 +270,7 @@ class X86DebugTarget:
     def translate(self, vcpu: VcpuFd, vaddr: int) -> int:
         sregs = x86.kvm_sregs()
         vcpu.get("KVM_GET_SREGS", x86.KVM_GET_SREGS, sregs)
-        mode = PagingMode(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
+        mode = PagingMode.from_sregs(sregs)
         return translate(self.mem, mode, vaddr)
 
     # -- guest debugging --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvmm.errors import GuestMemoryError
+from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.memory import GuestMemory
 
 # Control-register and page-table bits (SDM vol. 3, 2.5 and 4.5); cpu.py uses these too.
@@ -33,6 +34,11 @@ class PagingMode:
     cr3: int
     cr4: int
     efer: int
+
+    @classmethod
+    def from_sregs(cls, sregs: x86.kvm_sregs) -> PagingMode:
+        """The vCPU's paging mode, from its KVM_GET_SREGS."""
+        return cls(cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer)
 
 
 def translate(mem: GuestMemory, mode: PagingMode, linear: int) -> int:
