@@ -5,8 +5,10 @@ range and the access size (1, 2, 4 or 8 bytes).  Ranges are checked for overlap 
 no device claims is counted and logged (rate-limited) and otherwise ignored: reads return all ones
 for PIO (as an empty ISA bus does) and zero for MMIO, writes are dropped.
 
-:meth:`Bus.handlers` gives the vCPU loop its dispatch table, built once before the vCPUs start: one
-dict lookup per exit instead of a search.
+:meth:`Bus.handlers` gives the vCPU loop its dispatch tables: one dict lookup per exit instead of a search.
+An entry is made the first time the guest touches its address (a search then), so building them costs
+nothing at start-up (a virtio-mmio window alone is 4096 addresses).  A device may offer a cheaper reader
+for one of its registers (``register_reader``, see :class:`FastRegisters`): a register a guest polls.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pyvmm.devices.ratelimit import LogLimiter
 
@@ -31,6 +33,13 @@ class BusDevice(Protocol):
         """Handle a ``size``-byte write of ``value`` at ``offset`` into the device's range."""
 
 
+class FastRegisters(Protocol):
+    """Optional on a :class:`BusDevice`: for register ``offset``, a reader to put in the dispatch table
+    instead of ``read`` with the offset bound in, or None.  The reader must behave exactly as ``read``."""
+
+    def register_reader(self, offset: int) -> Reader | None: ...
+
+
 @dataclass(frozen=True)
 class _Range:
     base: int
@@ -41,6 +50,25 @@ class _Range:
 
 Reader = Callable[[int], int]  # size -> value
 Writer = Callable[[int, int], None]  # size, value
+Handler = TypeVar("Handler", Reader, Writer)
+
+
+class DispatchTable(dict[int, Handler | None]):
+    """address -> handler, filled on first use: ``table[addr]`` is the handler, or None where the bus must
+    serve the access itself (an unclaimed address, or one in a range too big to tabulate; not stored, so
+    a guest scanning addresses cannot grow the table).  Use ``table[addr]``, not ``get``."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[int], Handler | None]) -> None:
+        super().__init__()
+        self._make: Callable[[int], Handler | None] = make
+
+    def __missing__(self, addr: int) -> Handler | None:
+        handler = self._make(addr)
+        if handler is not None:
+            self[addr] = handler
+        return handler
 
 
 class Bus:
@@ -77,20 +105,36 @@ class Bus:
                 return r.device, addr - r.base
         return None
 
-    def handlers(self) -> tuple[dict[int, Reader], dict[int, Writer]]:
-        """The dispatch table: address -> the device's ``read``/``write`` with the offset bound in, for every
-        address of every range up to :attr:`TABLE_MAX_RANGE` bytes.  An address not in it is either in a
-        bigger range or unclaimed: :meth:`read`/:meth:`write` serve both.  A snapshot: a device added
-        later appears in the next call's table."""
-        readers: dict[int, Reader] = {}
-        writers: dict[int, Writer] = {}
-        for r in self._ranges:
-            if r.size > self.TABLE_MAX_RANGE:
-                continue
-            for offset in range(r.size):
-                readers[r.base + offset] = functools.partial(r.device.read, offset)
-                writers[r.base + offset] = functools.partial(r.device.write, offset)
-        return readers, writers
+    def handlers(self) -> tuple[DispatchTable[Reader], DispatchTable[Writer]]:
+        """The dispatch tables: address -> the device's ``read``/``write`` with the offset bound in (or the
+        device's own register reader), for the addresses of ranges up to :attr:`TABLE_MAX_RANGE` bytes,
+        each made when first looked up.  None for an address in a bigger range or unclaimed:
+        :meth:`read`/:meth:`write` serve both."""
+        return DispatchTable(self._reader), DispatchTable(self._writer)
+
+    def _small_range(self, addr: int) -> tuple[BusDevice, int] | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.base + r.size and r.size <= self.TABLE_MAX_RANGE:
+                return r.device, addr - r.base
+        return None
+
+    def _reader(self, addr: int) -> Reader | None:
+        hit = self._small_range(addr)
+        if hit is None:
+            return None
+        device, offset = hit
+        fast = getattr(device, "register_reader", None)
+        reader: Reader | None = fast(offset) if fast is not None else None
+        return reader if reader is not None else functools.partial(device.read, offset)
+
+    def _writer(self, addr: int) -> Writer | None:
+        hit = self._small_range(addr)
+        if hit is None:
+            return None
+        device, offset = hit
+        return functools.partial(device.write, offset)
 
     def read(self, addr: int, size: int) -> int:
         hit = self.find(addr)

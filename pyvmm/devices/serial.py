@@ -55,6 +55,7 @@ UART_MCR_LOOP = 0x10
 UART_LSR_DR = 0x01
 UART_LSR_THRE = 0x20
 UART_LSR_TEMT = 0x40
+_LSR_IDLE = UART_LSR_THRE | UART_LSR_TEMT  # transmission is instant: always ready for the next byte
 
 UART_MSR_CTS = 0x10
 UART_MSR_DSR = 0x20
@@ -120,6 +121,50 @@ class Serial16550:
         if fire:
             self._irq.trigger()
 
+    # -- cheaper paths for the vCPU loop: the registers a console write hammers -----------------------
+    def register_reader(self, offset: int) -> Callable[[int], int] | None:
+        """LSR, which Linux's console polls before every byte, read without the lock (the dispatch table's
+        reader, :class:`pyvmm.bus.FastRegisters`): the read has no side effect here (no error bits are
+        modelled, IIR and the interrupt line stay as they are), and its one variable bit, DR, is one test
+        of the RX FIFO (atomic under the GIL).  Other registers: None (``read``)."""
+        return self._read_lsr if offset == UART_LSR else None
+
+    def _read_lsr(self, size: int) -> int:
+        return _LSR_IDLE | UART_LSR_DR if self._rx else _LSR_IDLE
+
+    def ordered_reader(self, offset: int, replay: Callable[[], None]) -> Callable[[int], int] | None:
+        """For a VMM that queues THR writes (KVM's coalesced ring, :mod:`pyvmm.coalescing`): a reader of
+        ``offset`` that calls ``replay`` (deliver the queued writes) itself before any read those writes
+        could change, or None: replay before every read.  Only LSR can do without them: transmission is
+        instant, so THRE and TEMT never change, and a transmitted byte reaches the RX FIFO (DR) only in
+        loopback.  One call per LSR poll, lock-free as :meth:`register_reader`."""
+        if offset != UART_LSR:
+            return None
+
+        def read_lsr(size: int) -> int:
+            if self.mcr & UART_MCR_LOOP:
+                replay()
+            return _LSR_IDLE | UART_LSR_DR if self._rx else _LSR_IDLE
+
+        return read_lsr
+
+    def write_run(self, offset: int, size: int, values: list[int]) -> None:
+        """Several writes to one register, as ``write`` one after another would make them: a run of THR
+        bytes (a console line replayed from KVM's ring) goes to the output in one call.  No read comes
+        between them, so one interrupt update covers them all (THRE latches on the first)."""
+        with self._lock:
+            bulk = offset == UART_TX and not self.lcr & UART_LCR_DLAB and not self.mcr & UART_MCR_LOOP
+            if bulk:
+                self._thr_empty_pending = True
+                fire = self._update_irq()
+        if not bulk:
+            for value in values:
+                self.write(offset, size, value)
+            return
+        self._output(bytes(values) if size == 1 else bytes(v & 0xFF for v in values))
+        if fire:
+            self._irq.trigger()
+
     def _read(self, offset: int) -> int:
         dlab = self.lcr & UART_LCR_DLAB
         if offset == UART_RX:
@@ -138,7 +183,7 @@ class Serial16550:
         if offset == UART_MCR:
             return self.mcr
         if offset == UART_LSR:
-            return UART_LSR_THRE | UART_LSR_TEMT | (UART_LSR_DR if self._rx else 0)
+            return _LSR_IDLE | UART_LSR_DR if self._rx else _LSR_IDLE
         if offset == UART_MSR:
             if self.mcr & UART_MCR_LOOP:
                 # loopback: modem outputs appear on the modem inputs (the 8250 driver's probe checks this)

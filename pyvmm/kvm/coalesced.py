@@ -68,6 +68,28 @@ class CoalescedRing:
         first, last = _HEADER.unpack_from(self._buf, self._header)
         return bool(first == last)
 
+    def take(self) -> list[tuple[int, int, bool, int]]:
+        """Every waiting entry, oldest first, as ``(address, length, is_pio, value)``; ``first`` is advanced
+        past them before this returns, so each entry is handed out once, even to a caller that then takes
+        again (re-entrantly, from what it delivers).  One read of the indices: entries the kernel adds
+        meanwhile (another vCPU) wait for the next call.  Nothing for indices the kernel never leaves
+        (it then stops coalescing: writes exit)."""
+        buf, cap = self._buf, self.capacity
+        first, last = _HEADER.unpack_from(buf, self._header)
+        if first == last or first >= cap or last >= cap:
+            return []
+        view = memoryview(buf)
+        base = self._entries
+        if first < last:
+            raw = list(_ENTRY.iter_unpack(view[base + first * _ENTRY_SIZE:base + last * _ENTRY_SIZE]))
+        else:  # wrapped around the end of the ring
+            raw = list(_ENTRY.iter_unpack(view[base + first * _ENTRY_SIZE:base + cap * _ENTRY_SIZE]))
+            raw += _ENTRY.iter_unpack(view[base:base + last * _ENTRY_SIZE])
+        _FIRST.pack_into(buf, self._first, last)
+        self.drained += len(raw)
+        return [(addr, min(length, _DATA_SIZE), pio != 0, data & _MASK[min(length, _DATA_SIZE)])
+                for addr, length, pio, data in raw]
+
     def drain(self, deliver: Deliver) -> int:
         """Replay every waiting entry, oldest first, through ``deliver``; return how many.
 

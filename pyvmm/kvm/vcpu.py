@@ -13,6 +13,7 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Callable
 
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
@@ -41,6 +42,13 @@ class VcpuFd:
         if ioctl_raw(self.fd, _KVM_RUN, None) < 0:
             return self._run_failed()
         return self._u32[_U32_INDEX]
+
+    def run_args(self) -> tuple[Callable[[int, ctypes.c_ulong, None], int], int, ctypes.c_ulong,
+                                Callable[[], int], memoryview, int]:
+        """What :meth:`run` is made of, for a loop that inlines it (one Python call less per exit):
+        ``enter, fd, request, run_failed, reasons, index``, used as ``reason = reasons[index] if
+        enter(fd, request, None) >= 0 else run_failed()``."""
+        return ioctl_raw, self.fd, _KVM_RUN, self._run_failed, self._u32, _U32_INDEX
 
     def _run_failed(self) -> int:
         err = ctypes.get_errno()

@@ -144,3 +144,20 @@ def test_a_handler_that_drains_again_sees_each_entry_once() -> None:
     assert ring.drain(deliver) == 2  # a, b here; c, d in the nested call
     assert bytes(got) == b"abcd"
     assert ring.drained == 4 and ring.empty()
+
+
+def test_take_hands_out_every_entry_once_in_order_across_the_wrap() -> None:
+    buf, hdr = _ring()
+    hdr.first = hdr.last = CAPACITY - 2  # the next entries wrap around the end of the page
+    for ch in b"wxyz":
+        _kernel_push(buf, hdr, 0x3F8, bytes([ch]))
+    ring = CoalescedRing(buf, 0, PAGE)
+    assert hdr.last == 2
+    assert ring.take() == [(0x3F8, 1, True, ch) for ch in b"wxyz"]
+    assert hdr.first == 2 and ring.empty() and ring.take() == [] and ring.drained == 4
+
+
+def test_take_ignores_nonsense_indices() -> None:
+    buf, hdr = _ring()
+    hdr.last = CAPACITY + 5
+    assert CoalescedRing(buf, 0, PAGE).take() == []

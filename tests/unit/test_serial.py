@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pyvmm.devices import serial as s
 from pyvmm.interrupt import CountingIrq
 
@@ -88,3 +90,54 @@ def test_fifo_enable_reported_in_iir_and_scratch() -> None:
     assert uart.read(s.UART_IIR, 1) & 0xC0 == 0xC0  # a 16550A
     uart.write(s.UART_SCR, 1, 0xA5)
     assert uart.read(s.UART_SCR, 1) == 0xA5
+
+
+def test_the_lsr_fast_reader_reads_as_read_does() -> None:
+    uart, irq, _ = make()
+    fast = uart.register_reader(s.UART_LSR)
+    assert fast is not None
+    assert all(uart.register_reader(off) is None for off in range(8) if off != s.UART_LSR)
+    uart.write(s.UART_MCR, 1, s.UART_MCR_OUT2)
+    uart.write(s.UART_IER, 1, s.UART_IER_RDI)
+    assert fast(1) == uart.read(s.UART_LSR, 1) == 0x60
+    uart.feed(b"k")
+    assert fast(1) == uart.read(s.UART_LSR, 1) == 0x61
+    uart.read(s.UART_RX, 1)
+    assert fast(1) == 0x60 and irq.count == 1
+
+
+def test_the_ordered_lsr_reader_replays_queued_writes_only_in_loopback() -> None:
+    uart, _, _ = make()
+    replays: list[int] = []
+    lsr = uart.ordered_reader(s.UART_LSR, lambda: replays.append(1))
+    assert lsr is not None
+    assert all(uart.ordered_reader(off, lambda: None) is None for off in range(8) if off != s.UART_LSR)
+    assert lsr(1) == 0x60 and replays == []
+    uart.feed(b"q")
+    assert lsr(1) == 0x61 and replays == []
+    uart.write(s.UART_MCR, 1, s.UART_MCR_LOOP)
+    assert lsr(1) == 0x61 and replays == [1]  # a queued THR byte would set DR: delivered first
+
+
+@pytest.mark.parametrize("lcr, mcr", [(0x03, s.UART_MCR_OUT2), (0x83, s.UART_MCR_OUT2),
+                                      (0x03, s.UART_MCR_OUT2 | s.UART_MCR_LOOP)],
+                         ids=["transmit", "divisor", "loopback"])
+@pytest.mark.parametrize("ier", [0, s.UART_IER_THRI])
+def test_a_run_of_writes_is_the_writes_one_by_one(lcr: int, mcr: int, ier: int) -> None:
+    data = list(b"line of text\r\n")
+    seen = []
+    for use_run in (False, True):
+        uart, irq, out = make()
+        uart.write(s.UART_MCR, 1, mcr)
+        uart.write(s.UART_IER, 1, ier)
+        uart.read(s.UART_IIR, 1)  # clear the THRE interrupt enabling THRI raised
+        uart.write(s.UART_LCR, 1, lcr)
+        if use_run:
+            uart.write_run(s.UART_TX, 1, data)
+        else:
+            for b in data:
+                uart.write(s.UART_TX, 1, b)
+        uart.write(s.UART_LCR, 1, lcr & 0x7F)
+        seen.append((bytes(out), irq.count, uart.dll, [uart.read(off, 1) for off in range(1, 8)],
+                     [uart.read(s.UART_RX, 1) for _ in range(len(data))]))
+    assert seen[0] == seen[1]

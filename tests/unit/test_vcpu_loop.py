@@ -17,6 +17,7 @@ from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
 from pyvmm.kvm import abi
 from pyvmm.kvm import exits as kx
+from pyvmm.kvm.exits import EXIT_REASON_OFFSET
 from pyvmm.status import ExitStatus
 from pyvmm.testing.tinyvm import Recorder
 from pyvmm.vmm import ArchExitHandler, Vmm, VmResult
@@ -58,11 +59,20 @@ class ScriptedVcpu:
         elif s.kind == "mmio_r":
             self.seen.append(int.from_bytes(bytes(r.exit.mmio.data)[:s.size], "little"))
 
+    def run_args(self) -> tuple[Callable[[int, object, None], int], int, object, Callable[[], int], memoryview, int]:
+        """As VcpuFd.run_args: the plain loop's inlined run()."""
+        def enter(fd: int, request: object, arg: None) -> int:
+            self.run()
+            return 0
+
+        return enter, self.fd, None, self.run, memoryview(self.buf).cast("I"), EXIT_REASON_OFFSET // 4
+
     def run(self) -> int:
         self._collect()
         if not self.steps:
             self.last = None
             self.stop()
+            self.run_state.exit_reason = abi.KVM_EXIT_INTR
             return abi.KVM_EXIT_INTR
         s = self.last = self.steps.pop(0)
         r = self.run_state
