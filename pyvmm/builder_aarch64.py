@@ -56,7 +56,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         ram = layout.ram_layout(config.memory)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    mem, kvm, vm = create_vm(ram, stack, machine.check_caps)
+    mem, kvm, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages)
     # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
     gic = machine.create_vgic(vm)
     stack.callback(gic.close)

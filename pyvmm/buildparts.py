@@ -71,10 +71,11 @@ def _console_fd(config: VmConfig, stack: contextlib.ExitStack) -> int | None:
     return fd
 
 def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
-              check_caps: Callable[[VmFd], None]) -> tuple[GuestMemory, Kvm, VmFd]:
-    """Guest RAM, the KVM system fd and a VM with the RAM mapped as memory slots 0, 1, ...  RAM comes
-    first, so it is released last (after the VM that maps it)."""
-    mem = GuestMemory(ram)
+              check_caps: Callable[[VmFd], None], *, huge_pages: bool = True) -> tuple[GuestMemory, Kvm, VmFd]:
+    """Guest RAM (on huge pages where the host has them, :mod:`pyvmm.memory`), the KVM system fd and a VM
+    with the RAM mapped as memory slots 0, 1, ...  RAM comes first, so it is released last (after the VM
+    that maps it)."""
+    mem = GuestMemory(ram, huge_pages=huge_pages)
     stack.callback(mem.close)
     kvm = Kvm()
     stack.callback(kvm.close)

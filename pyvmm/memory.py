@@ -3,6 +3,13 @@
 Every device touches guest RAM only through :class:`GuestMemory`, which is passed in, so device code runs
 the same on a plain anonymous mapping in tests as on the mapping registered with KVM.
 
+A region of at least 2 MiB starts on a 2 MiB boundary of the host's address space (the mapping is made
+2 MiB longer and the region placed at its first boundary) and is advised ``MADV_HUGEPAGE``: where the host
+has transparent huge pages, KVM can then map the guest's memory with 2 MiB second-level page-table
+entries (the guest-physical and host-virtual addresses agree modulo 2 MiB), which saves a nested page
+fault per 4 KiB page the guest touches and TLB misses after (QEMU and Firecracker do the same).
+``huge_pages=False`` leaves the default 4 KiB mappings, for measurements.
+
 All accessors check bounds: an access must lie entirely inside one region, otherwise
 :class:`~pyvmm.errors.GuestMemoryError` is raised.  Devices catch it and answer the guest with an error
 status; it never escapes into the VMM.
@@ -30,11 +37,13 @@ _U64 = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class MemoryRegion:
-    """One contiguous piece of guest RAM: ``size`` bytes at guest-physical ``gpa``."""
+    """One contiguous piece of guest RAM: ``size`` bytes at guest-physical ``gpa``; ``buf`` is exactly those
+    bytes (a view into ``mapping``, which may be longer for its alignment)."""
 
     gpa: int
     size: int
-    buf: mmap.mmap
+    buf: memoryview
+    mapping: mmap.mmap
 
     @property
     def end(self) -> int:
@@ -49,7 +58,7 @@ class MemoryRegion:
 class GuestMemory:
     """Bounds-checked access to guest RAM made of one or more :class:`MemoryRegion`."""
 
-    def __init__(self, layout: list[tuple[int, int]]) -> None:
+    def __init__(self, layout: list[tuple[int, int]], *, huge_pages: bool = True) -> None:
         """Map anonymous memory for each ``(gpa, size)`` in ``layout`` (sizes page-aligned, no overlap)."""
         regions: list[MemoryRegion] = []
         for gpa, size in sorted(layout):
@@ -57,10 +66,9 @@ class GuestMemory:
                 raise GuestMemoryError(f"memory region {gpa:#x}+{size:#x} is not page-aligned")
             if regions and gpa < regions[-1].end:
                 raise GuestMemoryError(f"memory region at {gpa:#x} overlaps the previous one")
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
-            regions.append(MemoryRegion(gpa, size, buf))
+            regions.append(_map_region(gpa, size, huge_pages))
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
-        self._views = tuple(memoryview(r.buf) for r in regions)
+        self._views = tuple(r.buf for r in regions)
         if not regions:
             raise GuestMemoryError("guest memory needs at least one region")
         self._base0, self._size0, self._view0 = regions[0].gpa, regions[0].size, self._views[0]
@@ -71,13 +79,12 @@ class GuestMemory:
         return cls([(gpa, size)])
 
     def close(self) -> None:
-        for v in self._views:
-            v.release()
         for r in self.regions:
             # A view (numpy array, memoryview slice) may still be alive somewhere: then the mapping
             # goes when the last one does.
             with contextlib.suppress(BufferError):
-                r.buf.close()
+                r.buf.release()
+                r.mapping.close()
 
     # -- address translation ------------------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[memoryview, int]:
@@ -160,3 +167,18 @@ class GuestMemory:
 
 
 _MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86_64 and on arm64 with 4 KiB pages
+
+
+def _map_region(gpa: int, size: int, huge_pages: bool) -> MemoryRegion:
+    """Anonymous memory for one region: on a 2 MiB boundary and advised MADV_HUGEPAGE when ``huge_pages``
+    and it is at least that big (the extra 2 MiB of address space is never touched, so costs no RAM)."""
+    huge = huge_pages and size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
+    length = size + HUGE_PAGE if huge else size
+    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    start = 0
+    if huge:
+        start = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
+        with contextlib.suppress(OSError):  # EINVAL: a host kernel without transparent huge pages
+            mapping.madvise(mmap.MADV_HUGEPAGE, start, size)
+    return MemoryRegion(gpa, size, memoryview(mapping)[start:start + size], mapping)

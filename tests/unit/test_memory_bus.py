@@ -110,3 +110,43 @@ def test_bus_dispatch_table_takes_a_device_register_reader() -> None:
     assert readers[0x3FD](1) == 0x60 and dev.log == []  # the device's own reader, not read()
     assert readers[0x3FA](1) == 0x12 and dev.log == [("r", 2, 1, 0)]
 
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags /proc/self/smaps shows for the mapping holding ``addr``."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"{addr:#x} is in no mapping")
+
+
+def test_guest_ram_sits_on_2mib_boundaries_advised_for_huge_pages() -> None:
+    mem = GuestMemory([(0, 64 << 20), (1 << 32, 6 << 20)])
+    try:
+        for r in mem.regions:
+            assert r.host_addr % (2 << 20) == 0 and len(r.buf) == r.size
+            assert "hg" in _vm_flags(r.host_addr)  # MADV_HUGEPAGE
+        mem.write(0x1FF_FFF8, b"12345678")
+        mem.write((1 << 32) + (6 << 20) - 8, b"abcdefgh")
+        assert mem.read(0x1FF_FFF8, 8) == b"12345678" and mem.read((1 << 32) + (6 << 20) - 8, 8) == b"abcdefgh"
+        with pytest.raises(GuestMemoryError):
+            mem.read((1 << 32) + (6 << 20) - 4, 8)  # the alignment slack is not guest memory
+    finally:
+        mem.close()
+
+
+def test_small_regions_and_the_knob_keep_plain_pages() -> None:
+    small, plain = GuestMemory.single(0x10000), GuestMemory.single(8 << 20)
+    off = GuestMemory([(0, 8 << 20)], huge_pages=False)
+    try:
+        assert "hg" not in _vm_flags(small.regions[0].host_addr)
+        assert "hg" not in _vm_flags(off.regions[0].host_addr) and len(off.regions[0].mapping) == 8 << 20
+        assert "hg" in _vm_flags(plain.regions[0].host_addr)
+    finally:
+        for m in (small, plain, off):
+            m.close()
