@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
 from pyvmm.errors import LoaderError
-from pyvmm.loader._files import read_file
+from pyvmm.loader._files import map_file
 from pyvmm.loader.bzimage import is_bzimage, load_extracted, load_guest
 from pyvmm.loader.elf import ELF_MAGIC, load_elf
 from pyvmm.loader.kernel import LoadedKernel
@@ -31,9 +32,14 @@ def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = 
     if boot not in ("elf", "guest"):
         raise ValueError(f"boot must be 'elf' or 'guest', not {boot!r}")
     name = os.fspath(path)
-    data = read_file(path, "kernel")
-    if data.startswith(ELF_MAGIC):
-        return load_elf(mem, data, name)
+    mapped = map_file(path, "kernel")
+    try:
+        if mapped[:len(ELF_MAGIC)] == ELF_MAGIC:
+            return load_elf(mem, mapped, name)
+        data = mapped[:]  # a bzImage: its parts are parsed and decompressed from bytes
+    finally:
+        with contextlib.suppress(BufferError):  # a view still held by an error's traceback: freed with it
+            mapped.close()
     if is_bzimage(data):
         return load_extracted(mem, data, name) if boot == "elf" else load_guest(mem, data, name)
     if data[56:60] == ARM64_IMAGE_MAGIC:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def read_file(path: str | os.PathLike[str], what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise LoaderError(f"{what} {path}: cannot read: {e.strerror}") from None
+
+
+def map_file(path: str | os.PathLike[str], what: str) -> mmap.mmap:
+    """``path`` mapped read-only (checked with :func:`check_file`): a large kernel is then copied once, from
+    the page cache into guest RAM, and only the parts that are loaded.  Close it when done."""
+    check_file(path, what)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    except (OSError, ValueError) as e:  # ValueError: the file became empty
+        raise LoaderError(f"{what} {path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
 
 
 def read_into(path: str | os.PathLike[str], what: str, buf: memoryview) -> None:

@@ -13,6 +13,7 @@ fields of them, and a full ELF library costs more start-up time than the whole V
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -89,21 +90,22 @@ def parse_pvh_note(notes: bytes) -> int | None:
     return None
 
 
-def load_elf(mem: GuestMemory, image: bytes, name: str) -> LoadedKernel:
-    """Place the ``PT_LOAD`` segments of the ELF ``image`` (from file ``name``) in guest RAM."""
+def load_elf(mem: GuestMemory, image: bytes | mmap.mmap, name: str) -> LoadedKernel:
+    """Place the ``PT_LOAD`` segments of the ELF ``image`` (from file ``name``; its bytes, or the file mapped)
+    in guest RAM."""
     try:
         return _load(mem, image, name)
     except (_Corrupt, struct.error) as e:
         raise LoaderError(f"{name}: corrupt ELF file: {e}") from None
 
 
-def _slice(image: bytes, offset: int, size: int, what: str) -> bytes:
+def _slice(image: bytes | mmap.mmap, offset: int, size: int, what: str) -> bytes:
     if offset < 0 or size < 0 or offset + size > len(image):
         raise _Corrupt(f"{what} at {offset:#x}+{size:#x} is past the end of the file ({len(image):#x} bytes)")
     return image[offset : offset + size]
 
 
-def _table(image: bytes, offset: int, count: int, entsize: int, layout: struct.Struct,
+def _table(image: bytes | mmap.mmap, offset: int, count: int, entsize: int, layout: struct.Struct,
            what: str) -> list[tuple[int, ...]]:
     if count and entsize < layout.size:
         raise _Corrupt(f"{what} entries of {entsize} bytes (at least {layout.size} expected)")
@@ -111,8 +113,8 @@ def _table(image: bytes, offset: int, count: int, entsize: int, layout: struct.S
     return [layout.unpack_from(raw, i * entsize) for i in range(count)]
 
 
-def _load(mem: GuestMemory, image: bytes, name: str) -> LoadedKernel:
-    if not image.startswith(ELF_MAGIC):
+def _load(mem: GuestMemory, image: bytes | mmap.mmap, name: str) -> LoadedKernel:
+    if image[:len(ELF_MAGIC)] != ELF_MAGIC:
         raise LoaderError(f"{name}: not an ELF file")
     ident = _slice(image, 0, _EI_NIDENT, "ELF identification")
     # e_machine sits at the same offset in both classes; read it in the file's byte order (EI_DATA).
