@@ -7,6 +7,7 @@ the exit status documented in ``pyvmm run --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -119,8 +120,36 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse makes a formatter for every add_argument (to check the metavar), and each asks the terminal
+    for its width, a system call: about fifty of them per start-up.  Ask once (as shutil.get_terminal_size
+    does, without importing shutil and the compressors it imports)."""
+
+    _columns: int | None = None
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            if _HelpFormatter._columns is None:
+                _HelpFormatter._columns = _terminal_columns() - 2
+            width = _HelpFormatter._columns
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    with contextlib.suppress(KeyError, ValueError):
+        if int(os.environ["COLUMNS"]) > 0:
+            return int(os.environ["COLUMNS"])
+    out = sys.__stdout__
+    try:
+        return (os.get_terminal_size(out.fileno()).columns or 80) if out is not None else 80
+    except (ValueError, OSError):  # closed, or not a terminal
+        return 80
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyvmm", description="A small VMM in Python on Linux KVM.")
+    p = argparse.ArgumentParser(prog="pyvmm", description="A small VMM in Python on Linux KVM.",
+                                formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser(
@@ -128,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="boot a Linux kernel",
         description="Boot an x86_64 Linux kernel (ELF vmlinux or bzImage) with an optional initrd and disks.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     _add_run_options(r)
@@ -137,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         help="show the effective configuration of a run",
         description="Print, as a config file, the configuration `pyvmm run` would use with the same "
                     "options: defaults <- --config FILE <- flags.",
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     c.add_argument("--print", action="store_true", help="print the effective configuration as TOML (default)")

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pyvmm.errors import LoaderError
 from pyvmm.loader._files import map_file
-from pyvmm.loader.bzimage import is_bzimage, load_extracted, load_guest
 from pyvmm.loader.elf import ELF_MAGIC, load_elf
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
@@ -40,6 +39,8 @@ def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = 
     finally:
         with contextlib.suppress(BufferError):  # a view still held by an error's traceback: freed with it
             mapped.close()
+    from pyvmm.loader.bzimage import is_bzimage, load_extracted, load_guest  # not needed for an ELF vmlinux
+
     if is_bzimage(data):
         return load_extracted(mem, data, name) if boot == "elf" else load_guest(mem, data, name)
     if data[56:60] == ARM64_IMAGE_MAGIC:

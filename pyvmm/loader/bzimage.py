@@ -27,7 +27,6 @@ from pyvmm.arch.x86_64.bootparams import (
 )
 from pyvmm.arch.x86_64.layout import HIMEM_START, INITRD_ADDR_MAX_DEFAULT
 from pyvmm.errors import LoaderError
-from pyvmm.loader.decompress import extract_elf
 from pyvmm.loader.elf import load_elf
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
@@ -168,6 +167,8 @@ def load_extracted(mem: GuestMemory, data: bytes, name: str) -> LoadedKernel:
         raise LoaderError(
             f"{name}: boot protocol {_v(h.protocol)} is too old to locate the payload (needs 2.08)"
         )
+    from pyvmm.loader.decompress import extract_elf  # lzma, bz2 and zlib: only for a bzImage
+
     start = h.setup_size + h.payload_offset
     try:
         fmt, elf = extract_elf(data[start : start + h.payload_length])
