@@ -35,6 +35,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pyvmm.memory import is_guest_ram_vma  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 IMAGES = ROOT / "images" / "out"
 MEMORY = 512 << 20
@@ -71,7 +73,7 @@ def guest_rss(proc: object) -> tuple[int, int]:
     guest = 0
     for m in proc.memory_maps(grouped=False):  # type: ignore[attr-defined]
         lo, hi = (int(x, 16) for x in m.addr.split("-"))
-        if hi - lo == MEMORY and not m.path.startswith("/"):
+        if is_guest_ram_vma(hi - lo, MEMORY) and not m.path.startswith("/"):
             guest = max(guest, m.rss)
     return rss, guest
 

@@ -170,11 +170,27 @@ _MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86_64 and on arm64 with 4 KiB pages
 
 
+def mapping_length(size: int, huge_pages: bool = True) -> int:
+    """How long the host mapping of a region of ``size`` bytes is."""
+    return size + HUGE_PAGE if _huge(size, huge_pages) else size
+
+
+def is_guest_ram_vma(vma_size: int, ram_size: int) -> bool:
+    """Whether a mapping of ``vma_size`` bytes in /proc/PID/smaps can be the guest RAM of ``ram_size``
+    bytes: the advised part of the mapping is a VMA of its own, of exactly the RAM's size, where the
+    host took MADV_HUGEPAGE; else the whole mapping, alignment slack included."""
+    return vma_size in (ram_size, mapping_length(ram_size))
+
+
+def _huge(size: int, huge_pages: bool) -> bool:
+    return huge_pages and size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def _map_region(gpa: int, size: int, huge_pages: bool) -> MemoryRegion:
     """Anonymous memory for one region: on a 2 MiB boundary and advised MADV_HUGEPAGE when ``huge_pages``
     and it is at least that big (the extra 2 MiB of address space is never touched, so costs no RAM)."""
-    huge = huge_pages and size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
-    length = size + HUGE_PAGE if huge else size
+    huge = _huge(size, huge_pages)
+    length = mapping_length(size, huge_pages)
     mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
     start = 0
     if huge:

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.memory import is_guest_ram_vma
+
 MiB = 1 << 20
 
 
@@ -35,7 +37,7 @@ class Sample:
 def process_sample(pid: int, t0: float, *, guest_ram: int = 0) -> Sample | None:
     """RSS, open fds and threads of process ``pid`` from /proc (None once it is gone).
 
-    With ``guest_ram`` (bytes), the resident part of mappings of exactly that size (the guest's RAM,
+    With ``guest_ram`` (bytes), the resident part of mappings of that RAM's size (the guest's RAM,
     which grows as the guest touches it and is not pyvmm's own memory) is left out of the RSS.
     """
     try:
@@ -51,7 +53,7 @@ def process_sample(pid: int, t0: float, *, guest_ram: int = 0) -> Sample | None:
         for line in smaps.splitlines():
             if line.startswith("Size:"):
                 size_kb = int(line.split()[1])
-            elif line.startswith("Rss:") and size_kb == guest_ram // 1024:
+            elif line.startswith("Rss:") and size_kb is not None and is_guest_ram_vma(size_kb * 1024, guest_ram):
                 rss -= int(line.split()[1]) * 1024
     return Sample(time.monotonic() - t0, rss, fds, threads)
 
