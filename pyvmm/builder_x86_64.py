@@ -137,7 +137,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
         vcpus.append(vcpu)
 
     # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
-    # per console byte; every exit on the UART's ports replays the ring first (pyvmm/coalescing.py).
+    # per console byte; exits on the UART's ports replay the ring first where the writes could change
+    # their outcome (pyvmm/coalescing.py).
     coalesced = coalesce_port_writes(vm, vcpus[0], layout.COM1_PORT, 1, device=(layout.COM1_PORT, 8),
                                      enabled=config.debug.coalesced_pio)
     if coalesced is not None:

@@ -3,11 +3,11 @@
 Each vCPU thread loops on ``KVM_RUN`` and dispatches PIO/MMIO exits through the buses on its own
 thread.  That loop is the hot path (a Linux boot makes tens of thousands of exits): it decodes
 ``kvm_run`` with ``struct`` at offsets derived from the ctypes structs (:mod:`pyvmm.kvm.exits`),
-dispatches through tables built once at start (address -> device method, :meth:`pyvmm.bus.Bus.handlers`)
-and takes no lock and makes no syscall of its own.  It comes in two variants, chosen once at start: the
+dispatches through tables filled as addresses are first used (address -> device method,
+:meth:`pyvmm.bus.Bus.handlers`) and takes no lock and makes no syscall of its own.  It comes in two variants, chosen once at start: the
 plain one, and the counting one of ``--stats`` (:mod:`pyvmm.exitstats`), which also times each exit.
 Where KVM coalesces the UART's port writes (:mod:`pyvmm.coalescing`), exits on the UART replay KVM's
-ring first.  The event loop (the caller's thread) serves ioeventfds, console input and timers.  Every way a
+ring first, except the LSR polls those writes cannot change.  The event loop (the caller's thread) serves ioeventfds, console input and timers.  Every way a
 VM ends — guest power-off or reset, a panic on the console, an unhandled exit, a signal, the timeout —
 goes through :meth:`Vmm.request_stop`: the first reason wins, the loop wakes, each vCPU gets
 ``immediate_exit`` and a signal so ``KVM_RUN`` returns ``EINTR``, and resources are released in
