@@ -30,11 +30,9 @@ reads it through ``VmConfig.debug``).
 from __future__ import annotations
 
 import functools
-import itertools
-import operator
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.bus import Bus, DispatchTable, Reader, Writer
 from pyvmm.kvm.abi import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
@@ -43,8 +41,7 @@ from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 
 
-@dataclass(frozen=True)
-class Zone:
+class Zone(NamedTuple):
     addr: int  # first port of the coalesced zone
     size: int
     device_base: int  # the device's register range: an exit on any of these replays the ring first
@@ -53,9 +50,6 @@ class Zone:
     @property
     def label(self) -> str:
         return f"pio {self.addr:#x} write" if self.size == 1 else f"pio {self.addr:#x}+{self.size} write"
-
-
-_ADDR_SIZE_PIO = operator.itemgetter(0, 1, 2)  # what a run of writes has in common
 
 
 class CoalescedWrites:
@@ -110,13 +104,13 @@ class CoalescedWrites:
         Writes are delivered in runs (consecutive writes to one register); a run whose device raises does
         not stop the later ones, and the first error is raised at the end."""
         with self._lock:
-            entries = self.ring.take()
-            if not entries:
+            runs = self.ring.take_runs()
+            if not runs:
                 return
             error: BaseException | None = None
-            for (addr, size, is_pio), run in itertools.groupby(entries, _ADDR_SIZE_PIO):
+            for addr, size, is_pio, values in runs:
                 try:
-                    self._deliver_run(addr, size, is_pio, [e[3] for e in run])
+                    self._deliver_run(addr, size, is_pio, values)
                 except Exception as err:  # the later writes still reach their devices
                     error = error or err
             if error is not None:

@@ -6,6 +6,7 @@ kvm_coalesced_mmio.  The kernel writes entries at ``last`` and advances it; user
 from __future__ import annotations
 
 import ctypes
+import random
 
 import pytest
 
@@ -161,3 +162,29 @@ def test_take_ignores_nonsense_indices() -> None:
     buf, hdr = _ring()
     hdr.last = CAPACITY + 5
     assert CoalescedRing(buf, 0, PAGE).take() == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_take_runs_is_take_grouped(seed: int) -> None:
+    """Runs of consecutive writes with one address, length and kind, in ring order, across the wrap,
+    with stale bytes past each entry's length masked off; the same entries take() gives one by one."""
+    rng = random.Random(seed)
+    twin = []
+    for _ in range(2):
+        buf, hdr = _ring()
+        twin.append((buf, hdr, CoalescedRing(buf, 0, PAGE)))
+    start = rng.randrange(CAPACITY)
+    for _, hdr, _ in twin:
+        hdr.first = hdr.last = start
+    for _ in range(rng.randrange(CAPACITY)):
+        addr = rng.choice([0x3F8, 0x3F8, 0x3F8, 0x3F9, 0xD000_0050])
+        data = bytes(rng.randrange(256) for _ in range(rng.choice([1, 1, 1, 2, 4, 8])))
+        for buf, hdr, _ in twin:
+            _put(buf, 0, hdr.last, addr, data + bytes([0xEE] * (8 - len(data))), pio=addr < 0x10000)
+            abi.kvm_coalesced_mmio.from_buffer(buf, 8 + hdr.last * ctypes.sizeof(abi.kvm_coalesced_mmio)).len = len(data)
+            hdr.last = (hdr.last + 1) % CAPACITY
+    one_by_one = twin[0][2].take()
+    runs = twin[1][2].take_runs()
+    assert [(a, n, p, v) for a, n, p, vs in runs for v in vs] == one_by_one
+    assert all(runs[i][:3] != runs[i + 1][:3] for i in range(len(runs) - 1))
+    assert twin[1][2].empty() and twin[1][2].drained == len(one_by_one)
