@@ -23,8 +23,6 @@ from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_addres
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.guestexit import GuestExit
 from pyvmm.devices.pvpanic import PVPANIC_PANICKED, PvPanic, describe
-from pyvmm.devices.virtio.block import VirtioBlock
-from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
 from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
@@ -35,11 +33,12 @@ from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
-from pyvmm.trace import EVENT_CLASSES, Tracer
 from pyvmm.vmm import Vmm
 
 if TYPE_CHECKING:
+    from pyvmm.devices.virtio.mmio import VirtioMmioTransport
     from pyvmm.gdb.target import DebugTarget
+    from pyvmm.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +162,13 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
     the event loop; several are served each on a thread of its own (:class:`QueueWorker`), so that their
     requests are processed at the same time (the disk I/O releases the GIL).  ``stop`` ends the VM when a
     worker fails."""
+    if not config.disks:
+        return
+    # Imported for the runs that have a disk: a diskless boot starts without them.
+    from pyvmm.devices.virtio.block import VirtioBlock
+    from pyvmm.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
+    from pyvmm.trace import EVENT_CLASSES, Tracer
+
     seen: dict[tuple[int, int], str] = {}
     # Without ioeventfd a QueueNotify write is an MMIO exit the transport serves on the vCPU thread.
     use_ioeventfd = bool(vm.check_extension(KVM_CAP_IOEVENTFD)) and config.debug.ioeventfd

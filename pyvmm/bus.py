@@ -17,8 +17,7 @@ import bisect
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from pyvmm.devices.ratelimit import LogLimiter
 
@@ -40,8 +39,7 @@ class FastRegisters(Protocol):
     def register_reader(self, offset: int) -> Reader | None: ...
 
 
-@dataclass(frozen=True)
-class _Range:
+class _Range(NamedTuple):
     base: int
     size: int
     device: BusDevice

@@ -21,8 +21,7 @@ import contextlib
 import ctypes
 import mmap
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm.errors import GuestMemoryError
 
@@ -35,8 +34,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     """One contiguous piece of guest RAM: ``size`` bytes at guest-physical ``gpa``; ``buf`` is exactly those
     bytes (a view into ``mapping``, which may be longer for its alignment)."""
 

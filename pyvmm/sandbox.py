@@ -25,7 +25,7 @@ import ctypes
 import errno
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # linux/seccomp.h
 SECCOMP_SET_MODE_FILTER = 1
@@ -50,8 +50,7 @@ CLONE_THREAD = 0x00010000
 X32_SYSCALL_BIT = 0x40000000  # arch/x86/include/uapi/asm/unistd.h
 
 
-@dataclass(frozen=True)
-class Abi:
+class Abi(NamedTuple):
     """One architecture's system call ABI: its audit arch (linux/audit.h) and syscall numbers."""
 
     name: str

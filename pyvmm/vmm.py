@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pyvmm.bus import Bus, DispatchTable, Reader, Writer
 from pyvmm.coalescing import CoalescedWrites
@@ -82,8 +82,7 @@ class VmResult:
         return int(self.status)
 
 
-@dataclass
-class _Tables:
+class _Tables(NamedTuple):
     """The vCPU loop's dispatch tables: address -> the device's read(size) / write(size, value)."""
 
     pio_r: DispatchTable[Reader]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.kvm.ioctl import KVMIO, io, ioctl
 
@@ -32,8 +32,7 @@ KVM_STATS_TYPE_INSTANT = 1
 KVM_STATS_TYPE_PEAK = 2
 
 
-@dataclass(frozen=True)
-class StatDesc:
+class StatDesc(NamedTuple):
     name: str
     kind: int  # KVM_STATS_TYPE_*
     size: int  # number of u64 values (1 for a counter, more for a histogram)

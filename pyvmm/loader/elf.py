@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import LoaderError
 from pyvmm.loader.kernel import LoadedKernel
@@ -52,8 +52,7 @@ class _Corrupt(Exception):
     """A header or table that points outside the file."""
 
 
-@dataclass(frozen=True)
-class _Segment:
+class _Segment(NamedTuple):
     ptype: int
     offset: int
     paddr: int

@@ -8,8 +8,8 @@ instructions the assist cannot perform.  On a hardware KVM neither happens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SOFTWARE_KVM_MODULES = ("kvm_pvm",)
 
@@ -28,8 +28,7 @@ SOFTWARE_KVM_CMDLINE = (
 )
 
 
-@dataclass(frozen=True)
-class HostKvm:
+class HostKvm(NamedTuple):
     software: bool
     reason: str
 

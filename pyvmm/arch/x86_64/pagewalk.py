@@ -7,7 +7,7 @@ guest itself was about to access.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import GuestMemoryError
 from pyvmm.kvm import abi_x86_64 as x86
@@ -28,8 +28,7 @@ class PageFault(GuestMemoryError):
     """The linear address is not mapped (or a table lies outside guest RAM)."""
 
 
-@dataclass(frozen=True)
-class PagingMode:
+class PagingMode(NamedTuple):
     cr0: int
     cr3: int
     cr4: int

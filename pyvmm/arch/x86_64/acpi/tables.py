@@ -26,6 +26,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pyvmm.arch.x86_64 import layout, mptable
 from pyvmm.arch.x86_64.acpi import aml
@@ -167,8 +168,7 @@ def madt(cpu_count: int, isa_irqs: Sequence[int]) -> bytes:
     return sdt(b"APIC", MADT_REVISION, body)
 
 
-@dataclass(frozen=True)
-class VirtioMmioDevice:
+class VirtioMmioDevice(NamedTuple):
     """One virtio-mmio window as the DSDT describes it."""
 
     base: int
