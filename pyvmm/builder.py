@@ -12,11 +12,11 @@ import contextlib
 import importlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from pyvmm.buildparts import BuildReport
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
-from pyvmm.loader.symbols import KernelSymbols
 from pyvmm.vmm import Vmm
 
 # The host's architecture (KVM runs guests of its own kind) -> the module with its ``build``; imported
@@ -37,8 +37,22 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
     except BaseException:
         stack.close()
         raise
-    vmm.symbolize = KernelSymbols(config.kernel).lookup  # reads nothing unless a stop report needs names
+    vmm.symbolize = _symbolizer(config.kernel)  # reads nothing unless a stop report needs names
     return vmm, report
+
+
+def _symbolizer(kernel: Path) -> Callable[[int], str | None]:
+    """Address -> "symbol+0xoff" in ``kernel``; the symbol reader is imported at the first lookup."""
+    lookup: list[Callable[[int], str | None]] = []
+
+    def symbolize(addr: int) -> str | None:
+        if not lookup:
+            from pyvmm.loader.symbols import KernelSymbols
+
+            lookup.append(KernelSymbols(kernel).lookup)
+        return lookup[0](addr)
+
+    return symbolize
 
 
 def host_arch() -> str:

@@ -18,7 +18,6 @@ came: a flag, a config file key, or the Python API; so ``pyvmm run``, ``pyvmm co
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -193,6 +192,8 @@ def _toml_value(value: object) -> str:
         raise ConfigError(f"{text!r} cannot be written in a config file: TOML is UTF-8 text") from None
     # A JSON string is a valid TOML basic string (TOML v1.0.0 "String": the same escapes; json.dumps
     # emits no "\/"), except that TOML also wants DEL (U+007F) escaped, which JSON leaves as it is.
+    import json  # for `config --print` only
+
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 

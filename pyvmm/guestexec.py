@@ -18,7 +18,6 @@ on aarch64.
 
 from __future__ import annotations
 
-import base64
 import re
 
 from pyvmm.errors import ConfigError
@@ -44,6 +43,8 @@ def exec_arg(cmd: str) -> tuple[str, str]:
     check_exec(cmd)
     if _PLAIN.fullmatch(cmd) and '"' not in cmd:
         return EXEC_KEY, cmd
+    import base64  # only for a command the plain form cannot carry
+
     return EXEC64_KEY, base64.b64encode(cmd.encode()).decode()
 
 

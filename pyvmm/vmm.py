@@ -35,7 +35,6 @@ from pyvmm.coalescing import CoalescedWrites
 from pyvmm.config import DebugKnobs
 from pyvmm.console import ConsoleOutput
 from pyvmm.eventloop import EventLoop
-from pyvmm.exitstats import ExitCounter, ExitStats, process_age_s
 from pyvmm.kvm import abi
 from pyvmm.kvm import exits as kx
 from pyvmm.kvm.stats import StatsFd
@@ -46,6 +45,7 @@ from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, Vc
 if TYPE_CHECKING:
     from pyvmm.devices.boottimer import BootTimer
     from pyvmm.devices.serial import Serial16550
+    from pyvmm.exitstats import ExitCounter, ExitStats
     from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,8 @@ class Vmm:
         clean signal handling (elsewhere the vCPU kick relies on ``immediate_exit`` alone)."""
         self.started_at = time.monotonic()
         if self.stats:
+            from pyvmm.exitstats import process_age_s  # --stats only
+
             self._perf_at_start, self._age_at_start = time.perf_counter(), process_age_s()
         in_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[int, object] = {}
@@ -357,6 +359,8 @@ class Vmm:
         start_to_first = None
         if firsts and self._age_at_start is not None:
             start_to_first = self._age_at_start + (min(firsts) - self._perf_at_start)
+        from pyvmm.exitstats import ExitStats
+
         return ExitStats.collect(self._counters, wall_s=wall_s, start_to_first_run_s=start_to_first,
                                  coalesced=self.coalesced.counts() if self.coalesced is not None else None)
 
@@ -504,6 +508,8 @@ class Vmm:
         view = vcpu.run_view
         run = vcpu.run
         handle_io, handle_mmio = self._handle_io, self._handle_mmio
+        from pyvmm.exitstats import ExitCounter
+
         counter = ExitCounter()
         pio_acc, mmio_acc, other_acc = counter.pio, counter.mmio, counter.other
         perf = time.perf_counter

@@ -15,11 +15,14 @@ def test_run_path_leaves_out_the_heavy_libraries() -> None:
 
 
 def test_run_path_leaves_out_what_only_some_runs_need() -> None:
-    """The gdb server, the TOML parser, the bzImage decompressors and the virtio devices are imported by the
-    runs that use them (--gdb, --config, a bzImage kernel, --disk)."""
+    """The gdb server, the TOML parser, the bzImage decompressors, the virtio devices, the emulation assist,
+    the exit statistics, the symbol reader and the JSON and base64 codecs are imported by the runs that use
+    them (--gdb, --config, a bzImage kernel, --disk, a software KVM, --stats, a stop report, `config
+    --print`, --exec)."""
     code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder, pyvmm.builder_x86_64; "
             "print(sorted(m for m in sys.modules if m.startswith(('pyvmm.gdb', 'pyvmm.arch.x86_64.gdbtarget', "
             "'pyvmm.arch.x86_64.debugprobe', 'tomllib', 'socket', 'pyvmm.loader.bzimage', "
-            "'pyvmm.loader.decompress', 'lzma', 'bz2', 'pyvmm.devices.virtio'))))")
+            "'pyvmm.loader.decompress', 'lzma', 'bz2', 'pyvmm.devices.virtio', 'pyvmm.arch.x86_64.assist', "
+            "'pyvmm.exitstats', 'pyvmm.loader.symbols', 'json', 'base64'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64 import cpu, layout
-from pyvmm.arch.x86_64.assist import EmulationAssist, EmulationFailure
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm import abi_x86_64 as x86
@@ -17,6 +17,9 @@ from pyvmm.kvm.vm import VmFd
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import ArchExitHandler
+
+if TYPE_CHECKING:
+    from pyvmm.arch.x86_64.assist import EmulationAssist
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,11 @@ class X86ExitHandler(ArchExitHandler):
     """Runs the emulation assist on emulation failures when the host needs it."""
 
     def __init__(self, mem: GuestMemory, *, assist: bool) -> None:
-        self.assist = EmulationAssist(mem) if assist else None
+        self.assist: EmulationAssist | None = None
+        if assist:  # only hosts whose KVM emulates in software need it: imported for them
+            from pyvmm.arch.x86_64.assist import EmulationAssist
+
+            self.assist = EmulationAssist(mem)
 
     def internal_error(self, vcpu: VcpuFd) -> tuple[ExitStatus, str] | None:
         st = vcpu.run_state.exit.internal
@@ -87,6 +94,8 @@ class X86ExitHandler(ArchExitHandler):
             return (ExitStatus.EMULATION_FAILURE,
                     f"emulation failure on vCPU {vcpu.index} at RIP {regs.rip:#x} (assist off: --workarounds on "
                     "enables it)")
+        from pyvmm.arch.x86_64.assist import EmulationFailure
+
         try:
             self.assist.handle(vcpu)
         except EmulationFailure as err:
