@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="attach the terminal to the lab console (QEMU's serial port) instead of streaming")
     r.add_argument("--kernel", type=Path, metavar="PATH",
                    help=f"lab kernel (default: $PYVMM_LAB_KERNEL or {qemu.LAB_KERNEL})")
-    r.add_argument("--arch", choices=qemu.ARCHES, default="x86_64",
-                   help="arm64: the emulated-EL2 arm64 lab (images/arm64.py); the command runs in its arm64 "
-                        "root with the project tree shared (default: %(default)s)")
+    r.add_argument("--arch", choices=qemu.ARCHES, default="x86_64", type=lambda a: qemu.ARCH_ALIASES.get(a, a),
+                   help="aarch64 (or arm64): the emulated-EL2 aarch64 lab (images/arm64.py); the command runs "
+                        "in its arm64 root with the project tree shared (default: %(default)s)")
     r.add_argument("-v", "--verbose", action="store_true", help="show the lab's own boot messages too")
     r.add_argument("-q", "--quiet", action="store_true", help="no summary line at the end")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")

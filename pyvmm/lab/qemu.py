@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pyvmm.errors import VmmError
 from pyvmm.lab.tsc import host_tsc_khz
@@ -46,23 +47,25 @@ QEMU_DEBIAN_PACKAGE = "qemu-system-x86"
 REPO = Path(__file__).resolve().parents[2]
 LAB_KERNEL = REPO / "images" / "out" / "lab-bzImage"
 LAB_KERNEL_ENV = "PYVMM_LAB_KERNEL"
-# The arm64 lab: qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
+# The aarch64 lab: qemu-system-aarch64's virt board with EL2 (virtualization=on), GICv3, -cpu max;
 # Debian's stock arm64 kernel, an initramfs with its 9p modules, and an arm64 root with Python
 # (images/arm64.py builds all three).
-QEMU_ARM64 = "qemu-system-aarch64"
-QEMU_ARM64_DEBIAN_PACKAGE = "qemu-system-arm"
-ARM64_LAB = REPO / "images" / "out" / "arm64" / "lab"
-ARM64_CPUS = 2
+QEMU_AARCH64 = "qemu-system-aarch64"
+QEMU_AARCH64_DEBIAN_PACKAGE = "qemu-system-arm"
+AARCH64_LAB = REPO / "images" / "out" / "arm64" / "lab"
+AARCH64_CPUS = 2
 # pauth-impdef: TCG computes pointer authentication with an implementation-defined hash instead of the
 # architected QARMA, which Debian's arm64 kernel and user space use on every call (measured by
 # images/arm64.py: lab start 22 s -> 7 s, Python imports 14 s -> 7 s).  The guest cannot tell.
-ARM64_CPU_MODEL = "max,pauth-impdef=on"
-# The lab's own GIC: 3 (default); PYVMM_LAB_ARM64_GIC=2 gives a lab whose KVM offers only a vGICv2, which
-# exercises pyvmm's fallback (measured once by hand; see the issue-9 note).
-ARM64_GIC_ENV = "PYVMM_LAB_ARM64_GIC"
-# What the arm64 lab's commands run with: the arm64 root's own programs, pyvmm from the shared project tree.
-ARM64_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-ARCHES = ("x86_64", "arm64")
+AARCH64_CPU_MODEL = "max,pauth-impdef=on"
+# The lab's own GIC: 3 (default); PYVMM_LAB_AARCH64_GIC=2 gives a lab whose KVM offers only a vGICv2,
+# which exercises pyvmm's fallback to it.
+AARCH64_GIC_ENV = "PYVMM_LAB_AARCH64_GIC"
+# What the aarch64 lab's commands run with: the arm64 root's own programs, pyvmm from the shared project tree.
+AARCH64_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ARCHES = ("x86_64", "aarch64")
+# Other names of an architecture (Debian's and the kernel's ARCH= for aarch64): accepted, never printed.
+ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 INIT_SCRIPT = Path(__file__).resolve().with_name("init.sh")
 CONTROL_DIR = ".pyvmm-lab"
 
@@ -104,9 +107,9 @@ class LabOptions:
     memory: str = DEFAULT_MEMORY
     interactive: bool = False
     kernel: Path | None = None
-    env: Mapping[str, str] | None = None  # None: this process's environment (x86_64) or a minimal one (arm64)
+    env: Mapping[str, str] | None = None  # None: this process's environment (x86_64) or a minimal one (aarch64)
     verbose: bool = False
-    arch: str = "x86_64"  # "arm64": the emulated-EL2 arm64 lab; the command runs in its arm64 root
+    arch: str = "x86_64"  # "aarch64" (or "arm64"): the emulated-EL2 lab; the command runs in its arm64 root
 
 
 @dataclass
@@ -136,17 +139,13 @@ def is_checkout() -> bool:
 
 def unavailable_reason(kernel: Path | None = None, arch: str = "x86_64") -> str | None:
     """Why the lab cannot start on this machine, or None when it can."""
-    if arch == "arm64":
-        if shutil.which(QEMU_ARM64) is None:
-            return (f"{QEMU_ARM64} is not installed: the arm64 lab needs Debian's {QEMU_ARM64_DEBIAN_PACKAGE} "
-                    "(`make deps`)")
-        missing = [p for p in (ARM64_LAB / "vmlinuz", ARM64_LAB / "initrd.cpio.gz", ARM64_LAB / "root" / "bin")
-                   if not p.exists()]
-        if missing:
-            return f"the arm64 lab is not built ({missing[0]} is missing): run `python3 images/arm64.py lab`"
-        return None
-    if arch != "x86_64":
+    flavour = FLAVOURS.get(ARCH_ALIASES.get(arch, arch))
+    if flavour is None:
         return f"no {arch} lab: the labs are {', '.join(ARCHES)}"
+    return flavour.unavailable(kernel)
+
+
+def _x86_64_unavailable(kernel: Path | None) -> str | None:
     if shutil.which(QEMU) is None:
         return (f"{QEMU} is not installed: the KVM lab needs Debian's {QEMU_DEBIAN_PACKAGE} "
                 f"(apt-get install {QEMU_DEBIAN_PACKAGE}, or `make deps`)")
@@ -165,6 +164,17 @@ def unavailable_reason(kernel: Path | None = None, arch: str = "x86_64") -> str 
             return f"no lab kernel: this pyvmm is installed without a checkout's images/out/; {how}"
         source = f" (from ${LAB_KERNEL_ENV})" if from_env else ""
         return f"the lab kernel {k}{source} is missing: {how}"
+    return None
+
+
+def _aarch64_unavailable(kernel: Path | None) -> str | None:
+    if shutil.which(QEMU_AARCH64) is None:
+        return (f"{QEMU_AARCH64} is not installed: the aarch64 lab needs Debian's {QEMU_AARCH64_DEBIAN_PACKAGE} "
+                "(`make deps`)")
+    missing = [p for p in (AARCH64_LAB / "vmlinuz", AARCH64_LAB / "initrd.cpio.gz", AARCH64_LAB / "root" / "bin")
+               if not p.exists()]
+    if missing:
+        return f"the aarch64 lab is not built ({missing[0]} is missing): run `python3 images/arm64.py lab`"
     return None
 
 
@@ -231,22 +241,23 @@ def qemu_command(kernel: Path, scratch: Path, rw: Sequence[Path], *, memory: str
     return cmd + _shares_and_console(scratch, rw, interactive)
 
 
-def qemu_command_arm64(scratch: Path, rw: Sequence[Path], *, memory: str, interactive: bool,
-                       verbose: bool) -> list[str]:
-    """The arm64 lab: EL2 + GICv3 so its kernel offers /dev/kvm; the root comes from the initramfs'
+def qemu_command_aarch64(kernel: Path | None, scratch: Path, rw: Sequence[Path], *, memory: str,
+                         interactive: bool, verbose: bool) -> list[str]:
+    """The aarch64 lab (``kernel`` is its own; None: images/out/arm64/lab/vmlinuz): EL2 + GICv3 so its
+    kernel offers /dev/kvm; the root comes from the initramfs'
     overlay over the 9p share ``host`` (images/lab-arm64-init.sh), which then runs pyvmm/lab/init.sh."""
     mounts = ",".join(f"rw{i}:{_plain(p, 'writable share')}" for i, p in enumerate(rw))
     append = ["console=ttyAMA0", "panic=-1", "random.trust_cpu=on", *([] if verbose else ["quiet"]),
               f"PYVMM_LAB_SCRATCH={_plain(scratch, 'scratch directory')}",
               *([f"PYVMM_LAB_MOUNTS={mounts}"] if mounts else [])]
     cmd = [
-        QEMU_ARM64, "-M", f"virt,virtualization=on,gic-version={os.environ.get(ARM64_GIC_ENV) or '3'}",
-        "-accel", "tcg", "-cpu", ARM64_CPU_MODEL,
-        "-smp", str(ARM64_CPUS), "-m", memory,
+        QEMU_AARCH64, "-M", f"virt,virtualization=on,gic-version={os.environ.get(AARCH64_GIC_ENV) or '3'}",
+        "-accel", "tcg", "-cpu", AARCH64_CPU_MODEL,
+        "-smp", str(AARCH64_CPUS), "-m", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(ARM64_LAB / "vmlinuz"), "-initrd", str(ARM64_LAB / "initrd.cpio.gz"),
+        "-kernel", str(kernel or AARCH64_LAB / "vmlinuz"), "-initrd", str(AARCH64_LAB / "initrd.cpio.gz"),
         "-append", " ".join(append),
-        "-fsdev", f"local,id=host,path={ARM64_LAB / 'root'},security_model=none,readonly=on,multidevs=remap",
+        "-fsdev", f"local,id=host,path={AARCH64_LAB / 'root'},security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-device,fsdev=host,mount_tag=host",
     ]
     return cmd + _shares_and_console(scratch, rw, interactive)
@@ -366,22 +377,10 @@ def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout, *,
         raise LabError(reason)
     if watchdog is not None and opts.interactive:
         raise LabError("a watchdog needs batch mode: the console of an interactive lab is the terminal's")
-    arm64 = opts.arch == "arm64"
+    flavour = FLAVOURS[ARCH_ALIASES.get(opts.arch, opts.arch)]
     cwd = opts.cwd.resolve()
     rw = [p.resolve() for p in opts.rw]
-    if arm64:
-        # The host's environment names x86 programs (a venv's python first on PATH): the arm64 root gets
-        # its own PATH, pyvmm from the project tree (shared writable at its host path), and opts.env.
-        env = {"PATH": ARM64_PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
-               "PYTHONDONTWRITEBYTECODE": "1", **(opts.env or {})}
-        if not opts.command:
-            raise LabError("no command given (usage: python -m pyvmm.lab run --arch arm64 -- COMMAND [ARG...])")
-        argv = list(opts.command)  # resolved inside the arm64 root, not here
-        if REPO not in rw:
-            rw.append(REPO)
-    else:
-        env = dict(os.environ if opts.env is None else opts.env)
-        argv = _resolve_command(opts.command, env, cwd)
+    env, argv = flavour.prepare(opts, cwd, rw)
     for p in rw:
         if not p.is_dir():
             raise LabError(f"writable share {p} is not a directory")
@@ -399,12 +398,8 @@ def run(opts: LabOptions, out: Callable[[bytes], None] = _write_stdout, *,
     elif not sys.stdout.isatty():
         env["TERM"] = "dumb"
     (ctl / "run.sh").write_text(_run_script(argv, cwd, env, tty_size))
-    if arm64:
-        cmd = qemu_command_arm64(scratch, rw, memory=opts.memory, interactive=opts.interactive,
-                                 verbose=opts.verbose)
-    else:
-        cmd = qemu_command(lab_kernel(opts.kernel), scratch, rw, memory=opts.memory,
-                           interactive=opts.interactive, verbose=opts.verbose)
+    cmd = flavour.qemu_command(opts.kernel, scratch, rw, memory=opts.memory, interactive=opts.interactive,
+                               verbose=opts.verbose)
     (ctl / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     try:
         return _run_qemu(cmd, ctl, opts, out, watchdog)
@@ -481,3 +476,43 @@ def _run_qemu(cmd: list[str], ctl: Path, opts: LabOptions, out: Callable[[bytes]
     else:
         result.reason = "the lab ended without reporting the command's exit status (see its console above)"
     return result
+
+
+def _x86_64_prepare(opts: LabOptions, cwd: Path, rw: list[Path]) -> tuple[dict[str, str], list[str]]:
+    """The host's environment and the command as the host resolves it: the lab's root is the host's."""
+    env = dict(os.environ if opts.env is None else opts.env)
+    return env, _resolve_command(opts.command, env, cwd)
+
+
+def _aarch64_prepare(opts: LabOptions, cwd: Path, rw: list[Path]) -> tuple[dict[str, str], list[str]]:
+    """The host's environment names x86 programs (a venv's python first on PATH): the arm64 root gets its
+    own PATH, pyvmm from the project tree (shared writable at its host path, added to ``rw``), and
+    ``opts.env``; the command is resolved inside that root, not here."""
+    if not opts.command:
+        raise LabError("no command given (usage: python -m pyvmm.lab run --arch aarch64 -- COMMAND [ARG...])")
+    env = {"PATH": AARCH64_PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
+           "PYTHONDONTWRITEBYTECODE": "1", **(opts.env or {})}
+    if REPO not in rw:
+        rw.append(REPO)
+    return env, list(opts.command)
+
+
+def _x86_64_qemu(kernel: Path | None, scratch: Path, rw: Sequence[Path], *, memory: str, interactive: bool,
+                 verbose: bool) -> list[str]:
+    return qemu_command(lab_kernel(kernel), scratch, rw, memory=memory, interactive=interactive, verbose=verbose)
+
+
+class LabFlavour(NamedTuple):
+    """What one architecture's lab does its own way; :func:`run` is the same for all of them."""
+
+    unavailable: Callable[[Path | None], str | None]  # why it cannot start here (kernel: --kernel), or None
+    # the command's environment and argv (may add shares to rw)
+    prepare: Callable[[LabOptions, Path, list[Path]], tuple[dict[str, str], list[str]]]
+    qemu_command: Callable[..., list[str]]  # (kernel, scratch, rw, *, memory, interactive, verbose) -> argv
+
+
+FLAVOURS = {
+    "x86_64": LabFlavour(_x86_64_unavailable, _x86_64_prepare, _x86_64_qemu),
+    "aarch64": LabFlavour(_aarch64_unavailable, _aarch64_prepare, qemu_command_aarch64),
+}
+assert tuple(FLAVOURS) == ARCHES

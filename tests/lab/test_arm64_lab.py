@@ -25,7 +25,7 @@ import pytest
 
 from pyvmm.devices.virtio import barrier
 from pyvmm.lab import LabOptions, run, unavailable_reason
-from pyvmm.lab.qemu import ARM64_GIC_ENV
+from pyvmm.lab.qemu import AARCH64_GIC_ENV
 from tests.lab.conftest import LAB_TIER_SUMMARY, bound_for, vm_timeout
 from tests.lab.test_guest_userspace import INIT_MARKERS, _debugfs, _debugfs_cat
 
@@ -57,7 +57,7 @@ echo "ARM64-CPUS: $(grep -c ^processor /proc/cpuinfo)"
 echo "ARM64-IRQCHIP: $(grep -m1 -o 'GIC[v0-9-]*' /proc/interrupts)"
 """
 # The irqchip name Linux shows in /proc/interrupts: the GICv3 driver's "GICv3", the GICv2 driver's "GIC-0".
-# The lab's own GIC (PYVMM_LAB_ARM64_GIC, default 3) decides which vGIC its KVM can offer pyvmm.
+# The lab's own GIC (PYVMM_LAB_AARCH64_GIC, default 3) decides which vGIC its KVM can offer pyvmm.
 IRQCHIP = {"3": "GICv3", "2": "GIC-0"}
 
 
@@ -72,7 +72,7 @@ def arm64_images() -> Path:
 @pytest.mark.timeout(TEST_BOUND_S, method="signal")
 def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tmp_path: Path,
                                                           e2fsprogs: None) -> None:
-    reason = unavailable_reason(arch="arm64")
+    reason = unavailable_reason(arch="aarch64")
     if reason:
         pytest.skip(reason)
     scratch = tmp_path / "scratch"
@@ -111,7 +111,7 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
               f"{shlex.join(panic_run)}; echo \"ARM64-RUN3: $?\"")
     output = bytearray()
     result = run(LabOptions(command=["sh", "-c", script], cwd=ROOT, scratch=scratch, timeout=LAB_TIMEOUT_S,
-                            arch="arm64"), out=output.extend)
+                            arch="aarch64"), out=output.extend)
     out = output.decode(errors="replace")
     text = console.read_text(errors="replace") if console.exists() else ""
     text2 = console2.read_text(errors="replace") if console2.exists() else ""
@@ -122,7 +122,7 @@ def test_arm64_guest_boots_on_virtio_blk_in_the_arm64_lab(arm64_images: Path, tm
                f"\n--- panicking guest console ---\n{text3[-2000:]}"
                f"\n--- lab console ---\n{result.boot_log[-3000:]}")
     assert result.status == 0, explain
-    gic = os.environ.get(ARM64_GIC_ENV) or "3"
+    gic = os.environ.get(AARCH64_GIC_ENV) or "3"
     words = [barrier.DMB_ISHLD, barrier.RET, barrier.DMB_ISHST, barrier.RET, barrier.DMB_ISH, barrier.RET]
     assert f"ARM64-BARRIER: dmb {struct.pack('<6I', *words).hex()}" in out, explain
     assert "ARM64-RUN1: 37" in out and "guest exited with status 5 (guest exit device)" in out, explain

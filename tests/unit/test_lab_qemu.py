@@ -141,3 +141,25 @@ def test_host_tsc_measurement_is_consistent() -> None:
     assert second is not None
     assert 100_000 <= first <= 10_000_000  # 100 MHz .. 10 GHz
     assert abs(first - second) / first < 0.01
+
+
+def test_each_architecture_has_one_lab_flavour_and_arm64_names_aarch64(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(qemu.FLAVOURS) == set(qemu.ARCHES) == {"x86_64", "aarch64"}
+    monkeypatch.setattr(qemu.shutil, "which", lambda name, path=None: None)
+    assert qemu.unavailable_reason(arch="arm64") == qemu.unavailable_reason(arch="aarch64")
+    assert "qemu-system-aarch64 is not installed" in (qemu.unavailable_reason(arch="aarch64") or "")
+    assert "qemu-system-x86_64 is not installed" in (qemu.unavailable_reason(arch="x86_64") or "")
+    assert qemu.unavailable_reason(arch="riscv64") == "no riscv64 lab: the labs are x86_64, aarch64"
+
+
+def test_the_aarch64_lab_runs_its_command_in_its_own_root(tmp_path: Path) -> None:
+    rw: list[Path] = []
+    env, argv = qemu.FLAVOURS["aarch64"].prepare(LabOptions(command=["python3", "-c", "pass"]), tmp_path, rw)
+    assert argv == ["python3", "-c", "pass"]  # resolved inside the arm64 root, not on this host
+    assert env["PATH"] == qemu.AARCH64_PATH and env["PYTHONPATH"] == str(qemu.REPO) and rw == [qemu.REPO]
+    with pytest.raises(LabError, match="no command given"):
+        qemu.FLAVOURS["aarch64"].prepare(LabOptions(command=[]), tmp_path, [])
+    cmd = qemu.FLAVOURS["aarch64"].qemu_command(Path("/k/Image"), tmp_path, [], memory="2G", interactive=False,
+                                                verbose=False)
+    assert cmd[0] == "qemu-system-aarch64" and cmd[cmd.index("-kernel") + 1] == "/k/Image"
+    assert "virtualization=on" in cmd[cmd.index("-M") + 1]
