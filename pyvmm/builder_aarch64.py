@@ -1,12 +1,12 @@
 """The aarch64 machine (the counterpart of pyvmm/builder_x86_64.py; both are a ``build(config, stack,
-report, console_fd) -> Vmm``, chosen by pyvmm/builder.py): the same flat, ordered script for an arm64
+report, console_fd) -> Vmm``, chosen by pyvmm/builder.py): the same flat, ordered script for an aarch64
 host's KVM.
 
 What is shared with x86 is shared by import, unchanged: guest RAM, the console, the 16550 model (here on
 MMIO instead of port I/O), the virtio-mmio transport and virtio-blk with their ioeventfds and irqfds, the
 event loop and the vCPU loop.  What differs lives in ``pyvmm/arch/aarch64``: the memory map, the Image
 loader, the device tree that announces every device (there is no ACPI and no ``virtio_mmio.device=`` on
-arm64: a command-line device's IRQ number would not be a GIC interrupt), the vGIC and vCPU init.
+aarch64: a command-line device's IRQ number would not be a GIC interrupt), the vGIC and vCPU init.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     loop = EventLoop()
     stack.callback(loop.close)
     mmio = Bus("mmio")
-    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)  # arm64 has no port I/O; the vCPU loop wants a bus anyway
+    pio = Bus("pio", unclaimed_read=0xFFFFFFFF)  # aarch64 has no port I/O; the vCPU loop wants a bus anyway
     vmm_ref: list[Vmm] = []
     stop = make_stopper(vmm_ref)
     console = make_console(config, stack, console_fd, stop)
@@ -110,7 +110,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     for fd, spi in irqfds:
         vm.irqfd(fd, spi)
 
-    vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Arm64ExitHandler(), stack, timeout=config.timeout,
+    vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Aarch64ExitHandler(), stack, timeout=config.timeout,
               stats=config.stats, profile=config.debug)
     vmm.serial = serial
     vmm.mem = mem

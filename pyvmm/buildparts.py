@@ -155,7 +155,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
                  window: int, cmdline: Cmdline | None, deferred_irqfds: list[tuple[int, int]] | None = None,
                  stop: Callable[[ExitStatus, str], None] | None = None) -> None:
     """One virtio-mmio transport + virtio-blk per ``--disk``: MMIO window and interrupt from ``slot(index)``
-    (the irqfd GSI: an IOAPIC pin on x86, an SPI number on arm64), an ioeventfd per queue on QueueNotify
+    (the irqfd GSI: an IOAPIC pin on x86, an SPI number on aarch64), an ioeventfd per queue on QueueNotify
     (datamatch = queue index), and, given a ``cmdline``, the ``virtio_mmio.device=`` argument.
 
     A disk has one request queue per vCPU unless its ``queues=`` says otherwise.  One queue is served on
@@ -272,7 +272,7 @@ def _notifier(efd: EventFd, transport: VirtioMmioTransport, queue: int) -> Calla
 def irqfd(vm: VmFd, stack: contextlib.ExitStack, gsi: int,
           deferred: list[tuple[int, int]] | None = None) -> EventFdIrq:
     """An eventfd wired to ``gsi`` with KVM_IRQFD.  With ``deferred``, the ``(eventfd, gsi)`` pair is
-    appended there instead, for the caller to register later (arm64: KVM refuses irqfds with EAGAIN until
+    appended there instead, for the caller to register later (aarch64: KVM refuses irqfds with EAGAIN until
     the vGIC is initialised, which needs every vCPU first)."""
     efd = EventFd()
     stack.callback(efd.close)

@@ -165,7 +165,7 @@ class GuestMemory:
 
 
 _MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
-HUGE_PAGE = 2 << 20  # a transparent huge page on x86_64 and on arm64 with 4 KiB pages
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86_64 and on aarch64 with 4 KiB pages
 
 
 def mapping_length(size: int, huge_pages: bool = True) -> int:

@@ -63,7 +63,7 @@ class Abi(NamedTuple):
 
 
 # What a VMM never needs once the VM runs.  x86-64: arch/x86/entry/syscalls/syscall_64.tbl
-# (asm/unistd_64.h); arm64 uses the generic table (asm-generic/unistd.h), which has no fork or vfork.
+# (asm/unistd_64.h); aarch64 uses the generic table (asm-generic/unistd.h), which has no fork or vfork.
 X86_64 = Abi("x86_64", 0xC000003E, seccomp=317, clone=56, clone3=435, x32_bit=True, refused={
     "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "ptrace": 101, "process_vm_readv": 310,
     "process_vm_writev": 311, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "setns": 308,

@@ -1,6 +1,6 @@
 """Where each vCPU was when the VM was stopped from outside (``--timeout``, a signal, Ctrl-A x).
 
-For each vCPU the report gives its instruction pointer at the stop (RIP; PC on arm64) with the kernel
+For each vCPU the report gives its instruction pointer at the stop (RIP; PC on aarch64) with the kernel
 symbol when the kernel's symbols are known, whether its thread was inside ``KVM_RUN`` (in the guest) or in
 the VMM handling an exit, how many exits it made in about the last second, and a verdict:
 

@@ -50,7 +50,7 @@ def unpacker(cls: type[ctypes.Structure], *, ints: Iterable[str] = ()) -> struct
     """A :class:`struct.Struct` that decodes ``cls``'s fields from a buffer in one call.
 
     Built from the ctypes declaration, not typed by hand: each field at its ctypes offset (gaps become
-    pad bytes), little-endian (x86_64 and arm64 both are).  A ``u8[N]`` field decodes as ``bytes``, or,
+    pad bytes), little-endian (x86_64 and aarch64 both are).  A ``u8[N]`` field decodes as ``bytes``, or,
     when named in ``ints``, as one little-endian integer of N bytes (N = 1, 2, 4 or 8).  For hot paths
     that must not go through ctypes attribute access: ``Struct.unpack_from(buf, offset)`` is one C call.
     """
@@ -128,13 +128,13 @@ KVM_CAP_SPLIT_IRQCHIP = 121
 KVM_CAP_ONE_REG = 70
 KVM_CAP_DEVICE_CTRL = 89
 # Guest debugging (api.rst 4.59 "KVM_SET_GUEST_DEBUG"): GUEST_DEBUG2 returns the control flags this KVM
-# supports; the arm64 ones return how many hardware breakpoints and watchpoints it has.
+# supports; the aarch64 ones return how many hardware breakpoints and watchpoints it has.
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_GUEST_DEBUG_HW_BPS = 119
 KVM_CAP_GUEST_DEBUG_HW_WPS = 120
 KVM_CAP_SET_GUEST_DEBUG2 = 195
 
-# kvm_guest_debug.control, the flags every architecture has (the others are in abi_x86_64/abi_arm64)
+# kvm_guest_debug.control, the flags every architecture has (the others are in abi_x86_64/abi_aarch64)
 KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
 

@@ -1,6 +1,6 @@
 """ioctl request numbers and the one ctypes helper every KVM call goes through.
 
-Request encoding follows include/uapi/asm-generic/ioctl.h (x86_64 and arm64 share it):
+Request encoding follows include/uapi/asm-generic/ioctl.h (x86_64 and aarch64 share it):
 ``dir << 30 | size << 16 | type << 8 | nr`` with ``_IOC_WRITE = 1`` and ``_IOC_READ = 2``.
 
 Why not ``fcntl.ioctl``: it copies the argument into a temporary buffer (at most 1024 bytes) and, from

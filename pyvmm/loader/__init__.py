@@ -18,7 +18,7 @@ from pyvmm.memory import GuestMemory
 __all__ = ["LoadedKernel", "load_kernel"]
 
 Boot = Literal["elf", "guest"]
-ARM64_IMAGE_MAGIC = b"ARM\x64"  # Documentation/arch/arm64/booting.rst: the Image header's magic at byte 56
+AARCH64_IMAGE_MAGIC = b"ARM\x64"  # Documentation/arch/arm64/booting.rst: the Image header's magic at byte 56
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = "elf") -> LoadedKernel:
@@ -43,6 +43,6 @@ def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = 
 
     if is_bzimage(data):
         return load_extracted(mem, data, name) if boot == "elf" else load_guest(mem, data, name)
-    if data[56:60] == ARM64_IMAGE_MAGIC:
+    if data[56:60] == AARCH64_IMAGE_MAGIC:
         raise LoaderError(f"{name}: an arm64 Image: this x86_64 host boots x86_64 kernels (vmlinux or bzImage)")
     raise LoaderError(f"{name}: not a Linux kernel (neither an ELF file nor a bzImage)")

@@ -163,7 +163,7 @@ def _chosen(
 def _cpus(w: FdtWriter, cpus: int) -> None:
     # Spec 3.7/3.8 and arm/cpus.yaml: /cpus has #address-cells 1 (MPIDR Aff2..Aff0 fit one cell) and
     # #size-cells 0; each cpu: device_type "cpu", reg = MPIDR affinity, enable-method "psci" (required
-    # on arm64).  "arm,armv8" is the binding's compatible "for s/w models"; KVM presents the host's core.
+    # on aarch64).  "arm,armv8" is the binding's compatible "for s/w models"; KVM presents the host's core.
     w.begin_node("cpus")
     w.property_u32("#address-cells", 1)
     w.property_u32("#size-cells", 0)

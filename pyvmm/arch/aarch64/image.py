@@ -92,7 +92,7 @@ class ImageHeader:
         return bool(self.flags & FLAG_PHYS_BASE)
 
 
-def is_arm64_image(data: bytes) -> bool:
+def is_aarch64_image(data: bytes) -> bool:
     """True for an uncompressed arm64 Image: the magic at offset 56."""
     return (
         len(data) >= IMAGE_HEADER.size
@@ -106,7 +106,7 @@ def parse_image_header(data: bytes, name: str = "kernel") -> ImageHeader:
         raise LoaderError(
             f"{name}: {len(data)} bytes is too short for the 64-byte arm64 Image header (truncated file?)"
         )
-    if not is_arm64_image(data):
+    if not is_aarch64_image(data):
         raise LoaderError(f"{name}: {_not_an_image(data)}")
     _, _, text_offset, image_size, flags, _, _, _, _, _ = IMAGE_HEADER.unpack_from(data, 0)
     if image_size == 0:
@@ -154,7 +154,7 @@ def _gunzip_bounded(data: bytes, limit: int, name: str) -> bytes:
 def unpack_image(data: bytes, name: str = "kernel", limit: int = 1 << 62) -> tuple[str, bytes]:
     """``(format, Image)``: ``data`` itself, or decompressed from ``Image.<comp>`` or an EFI zboot
     image.  Gzip, the common case, is decompressed to at most ``limit`` bytes."""
-    if is_arm64_image(data):
+    if is_aarch64_image(data):
         return "Image", data
     fmt_prefix = "Image"
     payload = data
@@ -181,7 +181,7 @@ def unpack_image(data: bytes, name: str = "kernel", limit: int = 1 << 62) -> tup
                 f"{name}: the decompressed kernel is larger than the {limit / MiB:.1f} MiB of guest RAM "
                 "available for it: give the guest more memory"
             )
-    if len(out) >= IMAGE_HEADER.size and not is_arm64_image(out):
+    if len(out) >= IMAGE_HEADER.size and not is_aarch64_image(out):
         raise LoaderError(f"{name}: {fmt} data that is {_not_an_image(out)}")
     return f"{fmt_prefix} ({fmt})", out
 

@@ -1,12 +1,12 @@
 """Every guest-physical address and interrupt number of the aarch64 machine, in one place.
 
 The map follows the shape of QEMU's ``virt`` board (devices in the first GiB, RAM from 1 GiB), which
-is what arm64 Linux is most used to; the numbers are ours.  The guest learns all of them from the
+is what aarch64 Linux is most used to; the numbers are ours.  The guest learns all of them from the
 device tree (pyvmm/arch/aarch64/fdt.py), never from a hard-coded platform.
 
 Interrupts: GIC shared peripheral interrupts (SPIs) are numbered here from 0, as in a device tree's
 ``interrupts = <GIC_SPI n flags>`` cell and as KVM's default irq routing maps an irqfd GSI ``n`` on
-arm64 (Documentation/virt/kvm/api.rst, KVM_IRQ_LINE / KVM_IRQFD: "the GSI is the SPI number").  The
+aarch64 (Documentation/virt/kvm/api.rst, KVM_IRQ_LINE / KVM_IRQFD: "the GSI is the SPI number").  The
 GIC INTID of SPI ``n`` is ``32 + n``.
 """
 
@@ -51,7 +51,7 @@ RAM_MAX = 255 * GiB  # what the 40-bit IPA space KVM gives by default leaves abo
 KERNEL_ALIGN = 2 * MiB
 FDT_MAX_SIZE = 2 * MiB
 
-# --- architectural timer PPIs (Arm ARM D11.2; the numbers every arm64 DT uses: the INTID is 16 + n) ---
+# --- architectural timer PPIs (Arm ARM D11.2; the numbers every aarch64 DT uses: the INTID is 16 + n) ---
 TIMER_PPI_SECURE_PHYS = 13
 TIMER_PPI_NONSECURE_PHYS = 14
 TIMER_PPI_VIRT = 11

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyvmm.arch.aarch64 import layout
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
-from pyvmm.kvm import abi_arm64 as arm
+from pyvmm.kvm import abi_aarch64 as arm
 from pyvmm.kvm.ioctl import ioctl
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
@@ -136,7 +136,7 @@ def setup_vcpu(vcpu: VcpuFd, target: arm.kvm_vcpu_init, *, entry: int, fdt_addr:
         set_one_reg(vcpu, arm.REG_PC, entry)
 
 
-class Arm64ExitHandler(ArchExitHandler):
+class Aarch64ExitHandler(ArchExitHandler):
     def internal_error(self, vcpu: VcpuFd) -> tuple[ExitStatus, str] | None:
         st = vcpu.run_state.exit.internal
         return (ExitStatus.VMM_ERROR,

@@ -1,7 +1,7 @@
 """arm64 KVM uapi: structs and constants from arch/arm64/include/uapi/asm/kvm.h and the arm64 parts of
 include/uapi/linux/kvm.h (Linux 6.1), plus the register ids of Documentation/virt/kvm/api.rst 4.68
 (KVM_SET_ONE_REG, "ARM64 registers").  Sizes are checked at import;
-tests/unit/test_kvm_abi_arm64_cc.py compares sizes, offsets and constants with Debian's arm64 headers
+tests/unit/test_kvm_abi_aarch64_cc.py compares sizes, offsets and constants with Debian's arm64 headers
 (linux-libc-dev-arm64-cross) through the cross compiler.
 
 Pure data: importing this module on an x86 host is fine (the unit tests do).

@@ -1,4 +1,4 @@
-"""Compare pyvmm's arm64 ctypes KVM ABI (pyvmm/kvm/abi_arm64.py) with Debian's arm64 kernel headers
+"""Compare pyvmm's arm64 ctypes KVM ABI (pyvmm/kvm/abi_aarch64.py) with Debian's arm64 kernel headers
 (linux-libc-dev-arm64-cross, /usr/aarch64-linux-gnu/include) on an x86 host: the cross compiler turns a
 probe of ``const unsigned long long`` values (sizeof, offsetof, every KVM_* constant) into assembly, and
 the test reads the values back from its ``.xword`` directives.  Nothing is run, so no arm64 machine or
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.kvm import abi_arm64 as arm
+from pyvmm.kvm import abi_aarch64 as arm
 from tests.unit.test_kvm_abi_cc import _constants, _fields
 
 pytestmark = pytest.mark.needs_cc
@@ -60,7 +60,7 @@ def arm64_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     # asm/kvm.h spells the vGIC v3 sizes with SZ_64K, which only the kernel's own sizes.h defines
     lines = ["#include <stddef.h>", "#include <linux/kvm.h>", "#define SZ_64K 0x10000"]
     lines += [f"const unsigned long long v{i} = (unsigned long long)({probes[n]});" for i, n in enumerate(names)]
-    tmp = tmp_path_factory.mktemp("kvm_abi_arm64")
+    tmp = tmp_path_factory.mktemp("kvm_abi_aarch64")
     src, asm = tmp / "probe.c", tmp / "probe.s"
     src.write_text("\n".join(lines) + "\n")
     build = subprocess.run([cc, "-S", "-O0", "-o", str(asm), str(src)], capture_output=True, text=True)
