@@ -34,7 +34,6 @@ from pyvmm.devices.pvpanic import PVPANIC_MMIO_SIZE
 from pyvmm.devices.serial import Serial16550
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
-from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.vmm import Vmm
 
@@ -56,7 +55,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         ram = layout.ram_layout(config.memory)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    mem, kvm, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages)
+    mem, _, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages)
     # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
     gic = machine.create_vgic(vm)
     stack.callback(gic.close)
@@ -99,10 +98,9 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
 
     # vCPUs last: they need the memory, the vGIC and the boot state.
     target = machine.preferred_target(vm)
-    mmap_size = kvm.vcpu_mmap_size()
     vcpus = []
     for index in range(config.cpus):
-        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
+        vcpu = vm.create_vcpu(index)
         stack.callback(vcpu.close)
         machine.setup_vcpu(vcpu, target, entry=kernel.entry, fdt_addr=fdt_addr)
         vcpus.append(vcpu)

@@ -36,7 +36,6 @@ from pyvmm.devices.pvpanic import PVPANIC_PORT_SIZE
 from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
 from pyvmm.eventloop import EventLoop
-from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.loader import load_kernel
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.initrd import load_initrd
@@ -127,11 +126,10 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     machine.write_boot_tables(mem)
 
     # vCPUs last: they need the memory, the irqchip and the boot state.
-    supported = get_supported_cpuid(kvm.fd)
-    mmap_size = kvm.vcpu_mmap_size()
+    supported = get_supported_cpuid(kvm)
     vcpus = []
     for index in range(config.cpus):
-        vcpu = VcpuFd(vm.create_vcpu(index), index, mmap_size)
+        vcpu = vm.create_vcpu(index)
         stack.callback(vcpu.close)
         machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
         vcpus.append(vcpu)

@@ -78,7 +78,7 @@ def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
     stack.callback(mem.close)
     kvm = Kvm()
     stack.callback(kvm.close)
-    vm = VmFd(kvm.create_vm())
+    vm = kvm.create_vm()
     stack.callback(vm.close)
     check_caps(vm)
     for slot, region in enumerate(mem.regions):

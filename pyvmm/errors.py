@@ -17,7 +17,12 @@ class ConfigError(VmmError):
 
 
 class KvmError(VmmError):
-    """A KVM ioctl failed; the message names the ioctl and, where a person can act, a hint."""
+    """A KVM ioctl failed; the message names the ioctl and, where a person can act, a hint.  ``errno`` is
+    the ioctl's error number where one failed (None otherwise)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class GuestMemoryError(VmmError):

@@ -1,4 +1,6 @@
-"""ioctl request numbers and the one ctypes helper every KVM call goes through.
+"""ioctl request numbers, the one ctypes helper every KVM call goes through, and the one place its
+errors become :class:`~pyvmm.errors.KvmError` (:func:`call`).  Only ``pyvmm/kvm/`` issues ioctls: the rest
+of pyvmm holds typed objects (``Kvm`` -> ``VmFd`` -> ``VcpuFd``/``DeviceFd``) and calls their methods.
 
 Request encoding follows include/uapi/asm-generic/ioctl.h (x86_64 and aarch64 share it):
 ``dir << 30 | size << 16 | type << 8 | nr`` with ``_IOC_WRITE = 1`` and ``_IOC_READ = 2``.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import os
 from typing import Any
+
+from pyvmm.errors import KvmError
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8
@@ -86,3 +90,13 @@ def ioctl(fd: int, request: int, arg: Any = None) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(ret)
+
+
+def call(fd: int, request: int, arg: Any, what: str) -> int:
+    """:func:`ioctl`, with a failure raised as ``KvmError("<what> failed: <strerror> (errno N)")`` carrying
+    the errno: every KVM object's methods go through here."""
+    try:
+        return ioctl(fd, request, arg)
+    except OSError as err:
+        raise KvmError(f"{what} failed: {err.strerror} (errno {err.errno})", err.errno) from err
+

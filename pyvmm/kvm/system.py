@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
-from pyvmm.kvm.ioctl import ioctl
+from pyvmm.kvm.ioctl import call, ioctl
+from pyvmm.kvm.vm import VmFd, check_extension
 
 KVM_DEVICE = "/dev/kvm"
 # Tests (and unusual hosts) may point pyvmm at another device node.
@@ -45,20 +47,18 @@ class Kvm:
         self.path = path
 
     def check_extension(self, cap: int) -> int:
-        try:
-            return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
-        except OSError:
-            return 0
+        return check_extension(self.fd, cap)
 
     def vcpu_mmap_size(self) -> int:
-        return ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
+        return call(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, None, "KVM_GET_VCPU_MMAP_SIZE")
 
-    def create_vm(self) -> int:
-        """Return a new VM fd (wrap it in :class:`pyvmm.kvm.vm.VmFd`)."""
-        try:
-            return ioctl(self.fd, abi.KVM_CREATE_VM, 0)
-        except OSError as err:
-            raise KvmError(f"KVM_CREATE_VM failed: {err.strerror}") from err
+    def create_vm(self) -> VmFd:
+        """A new VM (close it before this fd; the caller owns it)."""
+        return VmFd(call(self.fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), vcpu_mmap_size=self.vcpu_mmap_size())
+
+    def get(self, what: str, request: int, struct: ctypes.Structure) -> int:
+        """A system ioctl that fills ``struct`` (``KVM_GET_SUPPORTED_CPUID``, ...): KvmError with its errno."""
+        return call(self.fd, request, struct, what)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -19,7 +19,7 @@ from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.exits import EXIT_REASON_OFFSET
-from pyvmm.kvm.ioctl import ioctl, ioctl_raw
+from pyvmm.kvm.ioctl import call, ioctl_raw
 
 _KVM_RUN = ctypes.c_ulong(abi.KVM_RUN)
 _U32_INDEX = EXIT_REASON_OFFSET // 4
@@ -67,11 +67,12 @@ class VcpuFd:
     def kick(self) -> None:
         self.run_state.immediate_exit = 1
 
+    def call(self, what: str, request: int, arg: ctypes.Structure | int | None = None) -> int:
+        """A vCPU ioctl; its result (``KVM_SET_MSRS``: how many were set), or KvmError naming the vCPU."""
+        return call(self.fd, request, arg, f"{what} on vCPU {self.index}")
+
     def get(self, what: str, request: int, struct: ctypes.Structure) -> None:
-        try:
-            ioctl(self.fd, request, struct)
-        except OSError as err:
-            raise KvmError(f"{what} on vCPU {self.index} failed: {err.strerror} (errno {err.errno})") from err
+        self.call(what, request, struct)
 
     set = get  # same mechanics: the struct goes in by reference
 

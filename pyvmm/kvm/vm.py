@@ -1,4 +1,4 @@
-"""The VM fd: memory slots, irqchip, irqfd, ioeventfd, vCPU creation.  Verbs are named after the
+"""The VM fd: memory slots, irqchip, irqfd, ioeventfd, vCPU and device creation.  Verbs are named after the
 ioctls they issue; every failure becomes a :class:`KvmError` that names the call and its arguments.
 """
 
@@ -7,26 +7,32 @@ from __future__ import annotations
 import ctypes
 import os
 
-from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
-from pyvmm.kvm.ioctl import ioctl
+from pyvmm.kvm.device import DeviceFd
+from pyvmm.kvm.ioctl import call, ioctl
+from pyvmm.kvm.vcpu import VcpuFd
+
+
+def check_extension(fd: int, cap: int) -> int:
+    """``KVM_CHECK_EXTENSION`` on the system or a VM fd (the VM's answer can be narrower): 0 when absent."""
+    try:
+        return ioctl(fd, abi.KVM_CHECK_EXTENSION, cap)
+    except OSError:
+        return 0
 
 
 class VmFd:
-    def __init__(self, fd: int) -> None:
+    """Made by :meth:`pyvmm.kvm.system.Kvm.create_vm`, which tells it the size of a vCPU's mapping."""
+
+    def __init__(self, fd: int, *, vcpu_mmap_size: int) -> None:
         self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
 
     def _call(self, what: str, request: int, arg: object = None) -> int:
-        try:
-            return ioctl(self.fd, request, arg)
-        except OSError as err:
-            raise KvmError(f"{what} failed: {err.strerror} (errno {err.errno})") from err
+        return call(self.fd, request, arg, what)
 
     def check_extension(self, cap: int) -> int:
-        try:
-            return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
-        except OSError:
-            return 0
+        return check_extension(self.fd, cap)
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
         region = abi.kvm_userspace_memory_region(
@@ -72,11 +78,19 @@ class VmFd:
         self._call(f"KVM_REGISTER_COALESCED_MMIO {'pio' if pio else 'mmio'} addr={addr:#x} size={size}",
                    abi.KVM_REGISTER_COALESCED_MMIO, zone)
 
-    def create_vcpu(self, index: int) -> int:
-        return self._call(f"KVM_CREATE_VCPU {index}", abi.KVM_CREATE_VCPU, index)
+    def create_vcpu(self, index: int) -> VcpuFd:
+        """vCPU ``index`` with its ``kvm_run`` mapping (close it before this fd)."""
+        return VcpuFd(self._call(f"KVM_CREATE_VCPU {index}", abi.KVM_CREATE_VCPU, index), index, self.vcpu_mmap_size)
 
-    def ioctl(self, what: str, request: int, arg: ctypes.Structure | int | None = None) -> int:
-        """Escape hatch for arch-specific VM ioctls (``arch/`` uses it)."""
+    def create_device(self, dev_type: int, name: str) -> DeviceFd:
+        """``KVM_CREATE_DEVICE`` (KvmError, with its errno, where the host cannot make one of that type)."""
+        arg = abi.kvm_create_device(type=dev_type)
+        self._call(f"KVM_CREATE_DEVICE {name}", abi.KVM_CREATE_DEVICE, arg)
+        return DeviceFd(int(arg.fd), name)
+
+    def call(self, what: str, request: int, arg: ctypes.Structure | int | None = None) -> int:
+        """An architecture's own VM ioctl (``arch/`` uses it: KVM_SET_TSS_ADDR, KVM_ARM_PREFERRED_TARGET, ...),
+        with the same error handling as the verbs above."""
         return self._call(what, request, arg)
 
     def close(self) -> None:

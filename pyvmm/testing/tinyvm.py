@@ -37,8 +37,6 @@ from pyvmm.gdb.control import Debugger
 from pyvmm.gdb.server import GdbServer
 from pyvmm.interrupt import EventFd
 from pyvmm.kvm.system import Kvm
-from pyvmm.kvm.vcpu import VcpuFd
-from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.symbols import KernelSymbols
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
@@ -161,7 +159,7 @@ class TinyVm:
         stack.callback(self.mem.close)
         kvm = Kvm()
         stack.callback(kvm.close)
-        self.vm = VmFd(kvm.create_vm())
+        self.vm = kvm.create_vm()
         stack.callback(self.vm.close)
         machine.check_caps(self.vm)
         self.notes = machine.setup_platform(self.vm)  # irqchip before any irqfd or vCPU
@@ -178,9 +176,9 @@ class TinyVm:
         self.pio.add(layout.COM1_PORT, 8, com1 if com1 is not None else self.serial, "com1")
         self.pio.add(layout.DEBUG_EXIT_PORT, 1, _DebugExit(self), "debug-exit")
 
-        vcpu = VcpuFd(self.vm.create_vcpu(0), 0, kvm.vcpu_mmap_size())
+        vcpu = self.vm.create_vcpu(0)
         stack.callback(vcpu.close)
-        machine.setup_vcpu(vcpu, cpu.get_supported_cpuid(kvm.fd), 1, entry=LOAD_ADDR,
+        machine.setup_vcpu(vcpu, cpu.get_supported_cpuid(kvm), 1, entry=LOAD_ADDR,
                            hide_xsave=self.host.software)
         self.vcpu = vcpu
         self.exit_handler = machine.X86ExitHandler(self.mem, assist=self.assist)

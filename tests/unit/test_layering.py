@@ -90,3 +90,22 @@ def test_no_import_cycles() -> None:
         if mod not in state:
             visit(mod)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_only_the_kvm_layer_issues_ioctls() -> None:
+    """Everything above pyvmm/kvm/ holds typed KVM objects (Kvm -> VmFd -> VcpuFd/DeviceFd) and calls
+    their methods; the ioctl helpers (and fcntl.ioctl) are the kvm layer's alone."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if path.is_relative_to(ROOT / "kvm"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("pyvmm.kvm.ioctl", "fcntl"):
+                names = {a.name for a in node.names}
+                if (node.module == "pyvmm.kvm.ioctl" and names & {"ioctl", "ioctl_raw", "call"}) or "ioctl" in names:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {sorted(names)} from {node.module}")
+            elif (isinstance(node, ast.Attribute) and node.attr == "ioctl" and isinstance(node.value, ast.Name)
+                  and node.value.id == "fcntl"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} calls fcntl.ioctl")
+    assert offenders == []

@@ -12,14 +12,13 @@ statuses exactly as on x86.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 from pyvmm.arch.aarch64 import layout
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm import abi_aarch64 as arm
-from pyvmm.kvm.ioctl import ioctl
+from pyvmm.kvm.device import DeviceFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 from pyvmm.status import ExitStatus
@@ -45,17 +44,13 @@ def check_caps(vm: VmFd) -> None:
 
 @dataclass
 class Vgic:
-    """The in-kernel interrupt controller: its device fd and GIC version."""
+    """The in-kernel interrupt controller: its KVM device and GIC version."""
 
-    fd: int
+    device: DeviceFd
     version: int
 
     def set_attr(self, group: int, attr: int, value: ctypes.c_uint32 | ctypes.c_uint64 | None, what: str) -> None:
-        arg = abi.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(value) if value is not None else 0)
-        try:
-            ioctl(self.fd, abi.KVM_SET_DEVICE_ATTR, arg)
-        except OSError as err:
-            raise KvmError(f"vGICv{self.version} {what}: {err.strerror} (errno {err.errno})") from err
+        self.device.set_attr(group, attr, value, what)
 
     def finalize(self) -> None:
         """After every vCPU is initialised: the number of interrupt lines, then CTRL_INIT."""
@@ -63,28 +58,19 @@ class Vgic:
         self.set_attr(arm.KVM_DEV_ARM_VGIC_GRP_CTRL, arm.KVM_DEV_ARM_VGIC_CTRL_INIT, None, "CTRL_INIT")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _create_device(vm: VmFd, dev_type: int) -> int | None:
-    arg = abi.kvm_create_device(type=dev_type)
-    try:
-        vm.ioctl(f"KVM_CREATE_DEVICE type={dev_type}", abi.KVM_CREATE_DEVICE, arg)
-    except KvmError:
-        return None
-    return int(arg.fd)
+        self.device.close()
 
 
 def create_vgic(vm: VmFd) -> Vgic:
     """A GICv3, or a GICv2 where the host has no v3 emulation.  The caller keeps the vCPU count within
     ``layout.MAX_CPUS`` (the redistributor frames must fit below the UART)."""
     for version in (3, 2):
-        fd = _create_device(vm, arm.KVM_DEV_TYPE_ARM_VGIC_V3 if version == 3 else arm.KVM_DEV_TYPE_ARM_VGIC_V2)
-        if fd is None:
+        try:
+            device = vm.create_device(arm.KVM_DEV_TYPE_ARM_VGIC_V3 if version == 3 else arm.KVM_DEV_TYPE_ARM_VGIC_V2,
+                                      f"vGICv{version}")
+        except KvmError:
             continue
-        gic = Vgic(fd, version)
+        gic = Vgic(device, version)
         try:
             if version == 3:
                 gic.set_attr(arm.KVM_DEV_ARM_VGIC_GRP_ADDR, arm.KVM_VGIC_V3_ADDR_TYPE_DIST,
@@ -105,7 +91,7 @@ def create_vgic(vm: VmFd) -> Vgic:
 
 def preferred_target(vm: VmFd) -> arm.kvm_vcpu_init:
     init = arm.kvm_vcpu_init()
-    vm.ioctl("KVM_ARM_PREFERRED_TARGET", arm.KVM_ARM_PREFERRED_TARGET, init)
+    vm.call("KVM_ARM_PREFERRED_TARGET", arm.KVM_ARM_PREFERRED_TARGET, init)
     return init
 
 

@@ -15,7 +15,7 @@ from pyvmm.arch.x86_64.pagewalk import PAGE_SIZE_BIT as PTE_PS
 from pyvmm.arch.x86_64.pagewalk import PRESENT as PTE_PRESENT
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi_x86_64 as x86
-from pyvmm.kvm.ioctl import ioctl
+from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.memory import GuestMemory
 
@@ -147,10 +147,7 @@ def set_msrs(vcpu: VcpuFd, msrs: list[tuple[int, int]]) -> None:
     for i, (index, value) in enumerate(msrs):
         arg.entries[i].index = index
         arg.entries[i].data = value
-    try:
-        done = ioctl(vcpu.fd, x86.KVM_SET_MSRS, arg)
-    except OSError as err:
-        raise KvmError(f"KVM_SET_MSRS on vCPU {vcpu.index} failed: {err.strerror}") from err
+    done = vcpu.call("KVM_SET_MSRS", x86.KVM_SET_MSRS, arg)
     if done != len(msrs):
         bad = msrs[done][0]
         raise KvmError(f"KVM_SET_MSRS on vCPU {vcpu.index}: MSR {bad:#x} was refused")
@@ -167,19 +164,19 @@ CPUID_7_EBX_AVX2 = 1 << 5
 CPUID_7_EBX_AVX512F = 1 << 16
 
 
-def get_supported_cpuid(kvm_fd: int) -> list[x86.kvm_cpuid_entry2]:
+def get_supported_cpuid(kvm: Kvm) -> list[x86.kvm_cpuid_entry2]:
     n = 64
     while True:
         cls = x86.kvm_cpuid2(n)
         arg = cls()
         arg.nent = n
         try:
-            ioctl(kvm_fd, x86.KVM_GET_SUPPORTED_CPUID, arg)
-        except OSError as err:
+            kvm.get("KVM_GET_SUPPORTED_CPUID", x86.KVM_GET_SUPPORTED_CPUID, arg)
+        except KvmError as err:
             if err.errno == errno.E2BIG and n < 4096:
                 n *= 2
                 continue
-            raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {err.strerror}") from err
+            raise
         nent = int(arg.nent)
         return [x86.kvm_cpuid_entry2.from_buffer_copy(arg.entries[i]) for i in range(nent)]
 

@@ -29,8 +29,6 @@ from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.system import Kvm
-from pyvmm.kvm.vcpu import VcpuFd
-from pyvmm.kvm.vm import VmFd
 from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -71,16 +69,16 @@ class _ProbeVm:
     def __init__(self, stack: contextlib.ExitStack) -> None:
         kvm = Kvm()
         stack.callback(kvm.close)
-        self.vm = VmFd(kvm.create_vm())
+        self.vm = kvm.create_vm()
         stack.callback(self.vm.close)
         self.mem = GuestMemory.single(RAM)
         stack.callback(self.mem.close)
         region = self.mem.regions[0]
         self.vm.set_user_memory_region(0, region.gpa, region.size, region.host_addr)
-        self.vcpu = VcpuFd(self.vm.create_vcpu(0), 0, kvm.vcpu_mmap_size())
+        self.vcpu = self.vm.create_vcpu(0)
         stack.callback(self.vcpu.close)
         # 64-bit mode needs the long-mode CPUID bit before EFER.LME is accepted
-        cpu.set_cpuid(self.vcpu, cpu.guest_cpuid(cpu.get_supported_cpuid(kvm.fd), 0, 1, hide_xsave=True,
+        cpu.set_cpuid(self.vcpu, cpu.guest_cpuid(cpu.get_supported_cpuid(kvm), 0, 1, hide_xsave=True,
                                                  hide_smp_pv=True))
 
     def run(self, code: bytes, *, control: int, debugreg: dict[int, int] | None = None) -> str:

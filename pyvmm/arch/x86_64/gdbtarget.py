@@ -344,7 +344,7 @@ class X86DebugTarget:
             return
         data = x86.kvm_clock_data()
         try:
-            self.vm.ioctl("KVM_GET_CLOCK", x86.KVM_GET_CLOCK, data)
+            self.vm.call("KVM_GET_CLOCK", x86.KVM_GET_CLOCK, data)
         except KvmError as err:
             log.debug("kvmclock not held: %s", err)
             self._clock_ok = False
@@ -357,7 +357,7 @@ class X86DebugTarget:
         data = x86.kvm_clock_data(clock=self._clock)
         self._clock = None
         try:
-            self.vm.ioctl("KVM_SET_CLOCK", x86.KVM_SET_CLOCK, data)
+            self.vm.call("KVM_SET_CLOCK", x86.KVM_SET_CLOCK, data)
         except KvmError as err:
             log.debug("kvmclock not restored: %s", err)
             self._clock_ok = False

@@ -45,13 +45,13 @@ def setup_platform(vm: VmFd) -> list[str]:
     """TSS (VMX only; optional), in-kernel PIC/IOAPIC/LAPIC, PIT.  Returns notes for the user."""
     notes = []
     try:
-        vm.ioctl("KVM_SET_TSS_ADDR", x86.KVM_SET_TSS_ADDR, TSS_ADDR)
+        vm.call("KVM_SET_TSS_ADDR", x86.KVM_SET_TSS_ADDR, TSS_ADDR)
     except KvmError as err:
         if not isinstance(err.__cause__, OSError) or err.__cause__.errno != errno.EINVAL:
             raise
         notes.append("KVM_SET_TSS_ADDR refused (not a VMX host): skipped")
     vm.create_irqchip()
-    vm.ioctl("KVM_CREATE_PIT2", x86.KVM_CREATE_PIT2, x86.kvm_pit_config(flags=x86.KVM_PIT_SPEAKER_DUMMY))
+    vm.call("KVM_CREATE_PIT2", x86.KVM_CREATE_PIT2, x86.kvm_pit_config(flags=x86.KVM_PIT_SPEAKER_DUMMY))
     return notes
 
 
