@@ -147,7 +147,9 @@ def _terminal_columns() -> int:
         return 80
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; given the ``command`` the arguments name, only that subcommand gets its ~25 options
+    (argparse does real work for each, and a start-up needs one subcommand's)."""
     p = argparse.ArgumentParser(prog="pyvmm", description="A small VMM in Python on Linux KVM.",
                                 formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
@@ -160,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    _add_run_options(r)
+    if command in (None, "run"):
+        _add_run_options(r)
     c = sub.add_parser(
         "config",
         help="show the effective configuration of a run",
@@ -169,8 +172,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    c.add_argument("--print", action="store_true", help="print the effective configuration as TOML (default)")
-    _add_run_options(c)
+    if command in (None, "config"):
+        c.add_argument("--print", action="store_true", help="print the effective configuration as TOML (default)")
+        _add_run_options(c)
     return p
 
 
@@ -180,7 +184,9 @@ def _settings(args: argparse.Namespace) -> RunSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    args_given = sys.argv[1:] if argv is None else argv
+    # The command is the first argument that is not an option (the top level has only -h and --version).
+    parser = _parser(next((a for a in args_given if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         # The same checks for `run` and `config`: what `config --print` prints, `--config` accepts.
