@@ -126,9 +126,15 @@ def import_summary(top: int = 6) -> str:
     return f"\npyvmm start-up imports (python -X importtime): {len(rows)} modules, {total:.0f} ms; largest (ms): {largest}"
 
 
+def pyvmm_entry() -> list[str]:
+    """How a user starts pyvmm: the ``pyvmm`` command its installation made (the README's
+    ``.venv/bin/pyvmm``), next to this interpreter; ``python -m pyvmm`` where there is none."""
+    script = Path(sys.executable).with_name("pyvmm")
+    return [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "pyvmm"]
+
+
 def pyvmm_cmd(initrd: Path | None, disk: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "pyvmm", "run", "--console", "stdio", "--memory", "256M",
-           "--kernel", str(IMAGES / "vmlinux")]
+    cmd = [*pyvmm_entry(), "run", "--console", "stdio", "--memory", "256M", "--kernel", str(IMAGES / "vmlinux")]
     if initrd:
         return [*cmd, "--initrd", str(initrd), "--cmdline", f"{BASE_CMDLINE} reboot=k"]
     return [*cmd, "--disk", f"path={disk}", "--cmdline", f"{BASE_CMDLINE} reboot=k root=/dev/vda rw init=/init"]
