@@ -52,22 +52,34 @@ class ConsoleOutput:
         # ended, whatever the guest does after it (Vmm.request_stop).
         self.panic_line: str | None = None
 
+    # A line longer than this is watched in pieces of LINE_MAX + 1 bytes (the guest may never end it).
+    LINE_MAX = 4096
+
     def __call__(self, data: bytes) -> None:
+        """Transmitted bytes, any number: lines are cut at LF, CRs dropped (a console line is one
+        UART run when KVM's ring is replayed: no Python step per byte here either)."""
         with self._lock:
             self.bytes_out += len(data)
-            newline = False
-            for b in data:
-                if b == 0x0A:
-                    self._finish_line()
-                    newline = True
-                elif b != 0x0D:
-                    self._line.append(b)
-                    if len(self._line) > 4096:
-                        self._finish_line()
+            pieces = data.split(b"\n")
+            for piece in pieces[:-1]:
+                self._add(piece)
+                self._finish_line()
+            self._add(pieces[-1])
             if self._fd is not None:
                 self._buf += data
-                if newline or len(self._buf) >= self.BUFFER_SIZE:
+                if len(pieces) > 1 or len(self._buf) >= self.BUFFER_SIZE:
                     self._write_out()
+
+    def _add(self, piece: bytes) -> None:
+        """Part of a line, without its LF; an over-long line is finished every LINE_MAX + 1 bytes."""
+        if b"\r" in piece:
+            piece = piece.replace(b"\r", b"")
+        self._line += piece
+        while len(self._line) > self.LINE_MAX:
+            rest = self._line[self.LINE_MAX + 1:]
+            del self._line[self.LINE_MAX + 1:]
+            self._finish_line()
+            self._line += rest
 
     @property
     def pending(self) -> bool:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import random
+
+import pytest
 
 from pyvmm.console import ConsoleInput, ConsoleOutput
 
@@ -130,3 +133,38 @@ def test_a_console_that_stays_full_loses_bytes_instead_of_hanging() -> None:
     assert out.bytes_out == len(b"this line does not fit\n") and not out.pending
     os.close(r)
     os.close(w)
+
+
+def _watched_byte_by_byte(chunks: list[bytes], line_max: int) -> tuple[list[bytes], bytes]:
+    """The console's line rules, one byte at a time: LF ends a line, CR is dropped, and a line that
+    reaches line_max + 1 bytes is finished there."""
+    lines, line = [], bytearray()
+    for b in b"".join(chunks):
+        if b == 0x0A:
+            lines.append(bytes(line))
+            line.clear()
+        elif b != 0x0D:
+            line.append(b)
+            if len(line) > line_max:
+                lines.append(bytes(line))
+                line.clear()
+    return lines, bytes(line)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lines_cut_from_runs_of_bytes_as_from_single_bytes(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = b"ab \r\n" + bytes([0xFF])
+    data = bytes(rng.choice(alphabet) if rng.random() < 0.9 else 0x78 for _ in range(rng.randrange(12000)))
+    if seed % 3 == 0:
+        data += b"x" * 9000  # an unfinished over-long line
+    cuts = sorted(rng.sample(range(len(data) + 1), min(20, len(data) + 1)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    seen: list[bytes] = []
+    out = ConsoleOutput(None, on_line=seen.append)
+    for c in chunks:
+        out(c)
+    expected_lines, rest = _watched_byte_by_byte(chunks, ConsoleOutput.LINE_MAX)
+    assert seen == expected_lines
+    assert bytes(out._line) == rest  # the line still open
+    assert out.bytes_out == len(data)
