@@ -1,6 +1,6 @@
 """Host-side kernel load time: ELF ``vmlinux`` vs ``bzImage`` (decompressed on the host), no KVM needed.
 
-``pyvmm.loader.load_kernel`` into a fresh ``GuestMemory`` (the same size as the default guest), REPS
+``pyvmm.arch.x86_64.kernel.load_kernel`` into a fresh ``GuestMemory`` (the same size as the default guest), REPS
 times each, alternating, median and best.  ``bzImage --boot guest`` (load only, the decompressor runs in
 the guest) is listed for reference: that decompression then costs guest time, which on a software KVM is
 tens of seconds (see docs/hosts.md).  Usage: ``python bench/loader.py [--reps N]``.
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pyvmm.arch.x86_64 import layout  # noqa: E402
-from pyvmm.loader import load_kernel  # noqa: E402
+from pyvmm.arch.x86_64.kernel import load_kernel  # noqa: E402
 from pyvmm.memory import GuestMemory  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     rows = measure(args.reps)
-    print("host-side kernel load (pyvmm.loader.load_kernel into guest memory)")
+    print("host-side kernel load (pyvmm.arch.x86_64.kernel.load_kernel into guest memory)")
     print(table(rows) if rows else "no kernel in images/out (make images)")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "loader.json").write_text(json.dumps(rows, indent=2))

@@ -14,6 +14,8 @@ from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
 from pyvmm.arch.x86_64.acpi import tables as acpi_tables
 from pyvmm.arch.x86_64.bootparams import build_e820, write_boot_params
 from pyvmm.arch.x86_64.cpu import get_supported_cpuid
+from pyvmm.arch.x86_64.initrd import load_initrd
+from pyvmm.arch.x86_64.kernel import load_kernel
 from pyvmm.buildparts import (
     BuildReport,
     add_exec_arg,
@@ -36,9 +38,7 @@ from pyvmm.devices.pvpanic import PVPANIC_PORT_SIZE
 from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
 from pyvmm.eventloop import EventLoop
-from pyvmm.loader import load_kernel
 from pyvmm.loader.cmdline import Cmdline
-from pyvmm.loader.initrd import load_initrd
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import Vmm
 

@@ -5,7 +5,6 @@ without the terminating NUL."""
 
 from __future__ import annotations
 
-from pyvmm.arch.x86_64.layout import CMDLINE_MAX
 from pyvmm.errors import LoaderError
 
 
@@ -16,7 +15,9 @@ def _key(word: str) -> str:
 class Cmdline:
     """An ordered list of command-line words with a length limit (excluding the NUL)."""
 
-    def __init__(self, max_len: int = CMDLINE_MAX - 1) -> None:
+    def __init__(self, max_len: int) -> None:
+        """``max_len``: the architecture's limit in bytes, without the NUL (x86: the kernel's
+        ``cmdline_size``; arm64: COMMAND_LINE_SIZE - 1)."""
         self.max_len = max_len
         self._words: list[str] = []
         self._init_args: list[str] = []

@@ -18,10 +18,10 @@ import struct
 from typing import NamedTuple
 
 from pyvmm.errors import LoaderError
+from pyvmm.loader.formats import ELF_MAGIC
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
 
-ELF_MAGIC = b"\x7fELF"
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 # A vmlinux carries no cmdline_size of its own: use what header.S would say, COMMAND_LINE_SIZE - 1
 # (arch/x86/include/asm/setup.h: 2048 bytes including the NUL).

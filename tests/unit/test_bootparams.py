@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.arch.x86_64 import bootparams as bp
+from pyvmm.arch.x86_64.initrd import load_initrd, place_initrd
 from pyvmm.arch.x86_64.layout import (
     CMDLINE_ADDR,
     CMDLINE_MAX,
@@ -26,7 +27,6 @@ from pyvmm.arch.x86_64.layout import (
 from pyvmm.errors import LoaderError
 from pyvmm.loader import LoadedKernel
 from pyvmm.loader.cmdline import Cmdline
-from pyvmm.loader.initrd import load_initrd, place_initrd
 from pyvmm.memory import GuestMemory
 
 # boot.rst "The Real-Mode Kernel Header" / bootparam.h comments: offsets inside boot_params
@@ -217,21 +217,21 @@ def test_initrd_file_errors(mem: GuestMemory, tmp_path: Path) -> None:
 
 # --- command line ----------------------------------------------------------------------------------
 def test_cmdline_builder() -> None:
-    c = Cmdline().extend("console=ttyS0 quiet -- single")
+    c = Cmdline(4095).extend("console=ttyS0 quiet -- single")
     c.add("reboot", "k").add("console", "hvc0", if_absent=True).add("panic", -1).add("root", "/dev/vda")
     assert c.has("console") and c.has("quiet") and not c.has("single")
     assert str(c) == "console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda -- single"
     assert c.to_bytes() == str(c).encode()
-    assert str(Cmdline().add("dyndbg", "file a.c +p")) == 'dyndbg="file a.c +p"'
+    assert str(Cmdline(4095).add("dyndbg", "file a.c +p")) == 'dyndbg="file a.c +p"'
 
 
 def test_cmdline_validation() -> None:
     with pytest.raises(LoaderError, match="NUL or newline"):
-        Cmdline().extend("a\nb")
+        Cmdline(4095).extend("a\nb")
     with pytest.raises(LoaderError, match="NUL or newline"):
-        Cmdline().add("a", "b\0")
+        Cmdline(4095).add("a", "b\0")
     with pytest.raises(LoaderError, match="bad kernel parameter name"):
-        Cmdline().add("a=b")
+        Cmdline(4095).add("a=b")
     c = Cmdline(max_len=13).add("console", "ttyS0")
     with pytest.raises(LoaderError, match="limit is 13"):
         c.add("quiet")

@@ -26,6 +26,13 @@ def test_devices_never_import_kvm_or_arch() -> None:
                 assert mod.startswith(allowed), f"{path.relative_to(ROOT)} imports {mod}"
 
 
+def test_loader_is_what_every_architecture_shares() -> None:
+    """loader/ holds no architecture's boot protocol: that is under arch/, which may use loader/."""
+    for path in (ROOT / "loader").rglob("*.py"):
+        for mod in _imports(path):
+            assert not mod.startswith(("pyvmm.arch", "pyvmm.kvm")), f"loader/{path.name} imports {mod}"
+
+
 def test_kvm_layer_imports_nothing_above_it() -> None:
     for path in (ROOT / "kvm").rglob("*.py"):
         for mod in _imports(path):

@@ -10,10 +10,11 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from pyvmm.arch.x86_64.bootparams import LOADED_HIGH, XLF_KERNEL_64
+from pyvmm.arch.x86_64.bzimage import parse_header
+from pyvmm.arch.x86_64.kernel import load_kernel
 from pyvmm.arch.x86_64.layout import HIMEM_START, INITRD_ADDR_MAX_DEFAULT
 from pyvmm.errors import LoaderError
-from pyvmm.loader import load_kernel
-from pyvmm.loader.bzimage import is_bzimage, parse_header
+from pyvmm.loader.formats import is_bzimage
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.kernels import EM_AARCH64, compress, make_bzimage, make_elf
 

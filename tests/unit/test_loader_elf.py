@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.arch.x86_64.kernel import load_kernel
 from pyvmm.errors import LoaderError
-from pyvmm.loader import LoadedKernel, load_kernel
+from pyvmm.loader import LoadedKernel
 from pyvmm.loader.elf import parse_pvh_note
 from pyvmm.memory import GuestMemory
 from pyvmm.testing.kernels import EM_AARCH64, make_elf, make_elf32

@@ -21,7 +21,7 @@ def test_run_path_leaves_out_what_only_some_runs_need() -> None:
     --print`, --exec)."""
     code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder, pyvmm.builder_x86_64; "
             "print(sorted(m for m in sys.modules if m.startswith(('pyvmm.gdb', 'pyvmm.arch.x86_64.gdbtarget', "
-            "'pyvmm.arch.x86_64.debugprobe', 'tomllib', 'socket', 'pyvmm.loader.bzimage', "
+            "'pyvmm.arch.x86_64.debugprobe', 'tomllib', 'socket', 'pyvmm.arch.x86_64.bzimage', "
             "'pyvmm.loader.decompress', 'lzma', 'bz2', 'pyvmm.devices.virtio', 'pyvmm.arch.x86_64.assist', "
             "'pyvmm.exitstats', 'pyvmm.loader.symbols', 'json', 'base64'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

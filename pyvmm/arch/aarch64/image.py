@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pyvmm.arch.aarch64 import layout
 from pyvmm.errors import LoaderError
 from pyvmm.loader._files import check_file, read_file, read_into
-from pyvmm.loader.bzimage import is_bzimage
 from pyvmm.loader.decompress import MAGICS, decompress
+from pyvmm.loader.formats import is_bzimage
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory, MemoryRegion
 

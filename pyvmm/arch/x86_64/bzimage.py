@@ -18,8 +18,6 @@ import struct
 from dataclasses import dataclass, replace
 
 from pyvmm.arch.x86_64.bootparams import (
-    BOOT_FLAG_MAGIC,
-    HDRS_MAGIC,
     LOADED_HIGH,
     SETUP_HEADER_OFFSET,
     XLF_KERNEL_64,
@@ -28,6 +26,7 @@ from pyvmm.arch.x86_64.bootparams import (
 from pyvmm.arch.x86_64.layout import HIMEM_START, INITRD_ADDR_MAX_DEFAULT
 from pyvmm.errors import LoaderError
 from pyvmm.loader.elf import load_elf
+from pyvmm.loader.formats import is_bzimage
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
 
@@ -36,7 +35,6 @@ PROTOCOL_MIN_ELF = 0x0208  # payload_offset / payload_length
 ENTRY_64_OFFSET = 0x200  # boot.rst "64-bit Boot Protocol"
 CMDLINE_SIZE_DEFAULT = 255  # boot.rst cmdline_size: "for protocol < 2.06 the maximum is 255"
 _HEADER_END = SETUP_HEADER_OFFSET + ctypes.sizeof(setup_header)
-_BOOT_FLAG_OFFSET = 0x1FE
 _HDRS_OFFSET = 0x202
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -44,15 +42,6 @@ _U32 = struct.Struct("<I")
 
 def _v(protocol: int) -> str:
     return f"{protocol >> 8}.{protocol & 0xFF:02d}"
-
-
-def is_bzimage(data: bytes) -> bool:
-    """Boot-sector signature 0xAA55 at 0x1fe and "HdrS" at 0x202."""
-    return (
-        len(data) >= _HDRS_OFFSET + 4
-        and _U16.unpack_from(data, _BOOT_FLAG_OFFSET)[0] == BOOT_FLAG_MAGIC
-        and _U32.unpack_from(data, _HDRS_OFFSET)[0] == HDRS_MAGIC
-    )
 
 
 @dataclass(frozen=True)
