@@ -164,12 +164,35 @@ def test_queue_registers(rig: Rig) -> None:
     assert rig.r(m.REG_QUEUE_READY) == 0
     rig.w(m.REG_QUEUE_NUM, 16)
     rig.w(m.REG_QUEUE_DESC_LOW, 0x1000)
-    rig.w(m.REG_QUEUE_DESC_HIGH, 0x2)
+    rig.w(m.REG_QUEUE_DESC_HIGH, 0x2)  # a descriptor table outside guest RAM: QueueReady refused
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    rig.w(m.REG_QUEUE_DESC_HIGH, 0)
     rig.w(m.REG_QUEUE_READY, 1)
     assert rig.r(m.REG_QUEUE_READY) == 1
-    assert rig.t.queues[0].desc_addr == 0x2_0000_1000
+    assert rig.t.queues[0].desc_addr == 0x1000
     rig.w(m.REG_QUEUE_DESC_LOW, 0x3000)  # ignored while ready
-    assert rig.t.queues[0].desc_addr == 0x2_0000_1000
+    assert rig.t.queues[0].desc_addr == 0x1000
+
+
+@pytest.mark.parametrize("part", ["desc", "avail", "used"])
+def test_each_ring_part_must_lie_in_ram_when_the_queue_is_made_ready(rig: Rig, part: str) -> None:
+    """The rings are checked once, at QueueReady, part by part (a part that starts in RAM and runs
+    past its end counts as outside): a queue whose rings the device could not use is not made ready."""
+    ram_end = rig.mem.regions[-1].gpa + rig.mem.regions[-1].size
+    parts = {"desc": (m.REG_QUEUE_DESC_LOW, 16 * 16), "avail": (m.REG_QUEUE_DRIVER_LOW, 6 + 2 * 16),
+             "used": (m.REG_QUEUE_DEVICE_LOW, 6 + 8 * 16)}
+    rig.w(m.REG_QUEUE_SEL, 0)
+    rig.w(m.REG_QUEUE_NUM, 16)
+    for reg, _ in parts.values():
+        rig.w(reg, 0x1000)
+    reg, length = parts[part]
+    rig.w(reg, (ram_end - length + 16) & ~15)  # starts inside, ends 16 bytes past the end of RAM
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 0
+    rig.w(reg, (ram_end - length) & ~15)  # ends exactly at the end: fine
+    rig.w(m.REG_QUEUE_READY, 1)
+    assert rig.r(m.REG_QUEUE_READY) == 1
 
 
 def test_queue_layout_frozen_after_driver_ok(rig: Rig) -> None:

@@ -252,3 +252,19 @@ def test_used_descriptors_out_of_order(rig: Rig) -> None:
         assert c is not None
         q.push_used(rig.mem, c.head, 8)
     assert [u.head for u in rig.q.get_used()] == more and q.used_wrap is False
+
+
+def test_activation_checks_that_the_ring_and_both_event_structures_are_in_ram() -> None:
+    mem = GuestMemory.single(1 << 20)
+    try:
+        q = PackedVirtqueue(64)
+        q.size, q.desc_addr, q.avail_addr, q.used_addr = 64, 0x1000, 0x2000, 0x3000
+        assert q.activate(mem) is None
+        q.desc_addr = (1 << 20) - 16 * 64 + 16  # the last descriptor past the end of RAM
+        assert "descriptor ring" in (q.activate(mem) or "")
+        q.desc_addr, q.used_addr = 0x1000, 1 << 20  # aligned, but just past the end
+        assert "device area" in (q.activate(mem) or "")
+        q.used_addr, q.avail_addr = 0x3000, 1 << 30
+        assert "driver area" in (q.activate(mem) or "")
+    finally:
+        mem.close()

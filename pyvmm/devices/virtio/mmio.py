@@ -314,7 +314,7 @@ class VirtioMmioTransport:
             q.desc_addr = value * page
             q.avail_addr = q.desc_addr + 16 * q.size
             q.used_addr = (q.avail_addr + 6 + 2 * q.size + align - 1) & ~(align - 1)
-            problem = q.validate() or self._ring_outside_ram(q)
+            problem = q.activate(self.mem)
         if problem:
             if self._warn_log.tick():
                 log.warning("virtio-mmio(%d): queue %d not made live: %s (%d guest errors so far)",
@@ -322,12 +322,6 @@ class VirtioMmioTransport:
             return
         self.queue_pfn[index] = value
         q.ready = True
-
-    def _ring_outside_ram(self, q: AnyVirtqueue) -> str | None:
-        end = q.used_addr + 6 + 8 * q.size
-        if not self.mem.contains(q.desc_addr, end - q.desc_addr):
-            return f"queue area {q.desc_addr:#x}..{end:#x} is not in guest RAM"
-        return None
 
     def _write_queue_ready(self, value: int) -> None:
         """QueueReady (§4.2.2): reading it returns the last value written, and the device does not touch a
@@ -342,7 +336,7 @@ class VirtioMmioTransport:
             return
         if self.status & STATUS_DRIVER_OK and self.queue_sel not in self._live_queues:
             return  # after DRIVER_OK only a queue that was live then may be started again (same layout)
-        problem = q.validate()
+        problem = q.activate(self.mem)
         if problem:
             if self._warn_log.tick():
                 log.warning("virtio-mmio(%d): queue %d not made ready: %s (%d guest errors so far)",

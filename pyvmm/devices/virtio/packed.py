@@ -101,6 +101,19 @@ class PackedVirtqueue:
             return "misaligned ring address"
         return None
 
+    def activate(self, mem: GuestMemory) -> str | None:
+        """QueueReady=1: why this configuration cannot be used, or None.  Beyond :meth:`validate`, the
+        descriptor ring (16 bytes per entry) and the two event suppression structures (4 bytes each,
+        §2.8.10) must lie in guest RAM: checked here, once."""
+        problem = self.validate()
+        if problem is not None:
+            return problem
+        for what, addr, length in (("descriptor ring", self.desc_addr, 16 * self.size),
+                                   ("driver area", self.avail_addr, 4), ("device area", self.used_addr, 4)):
+            if not mem.contains(addr, length):
+                return f"{what} {addr:#x}+{length:#x} outside guest RAM"
+        return None
+
     # -- the available side ------------------------------------------------------------------------
     def _flags(self, mem: GuestMemory, slot: int) -> int:
         return int(mem.unpack_from(U16, self.desc_addr + 16 * slot + 14)[0])

@@ -124,6 +124,8 @@ class Virtqueue:
         self.last_avail_idx = 0  # next avail ring slot the device will read
         self.used_idx = 0  # our copy of used->idx (the device is its only writer)
         self._signalled_used = 0  # used idx when the driver was last considered for an interrupt
+        # The three ring parts as views of guest RAM, made when the queue is activated (see activate()).
+        self._rings: tuple[memoryview, memoryview, memoryview] | None = None
 
     def validate(self) -> str | None:
         """Why the configuration cannot be made ready, or None (checked on QueueReady=1)."""
@@ -138,9 +140,37 @@ class Virtqueue:
             return "misaligned ring address"
         return None
 
+    def activate(self, mem: GuestMemory) -> str | None:
+        """QueueReady=1 (or a legacy QueuePFN): why this configuration cannot be used, or None.  Beyond
+        :meth:`validate`, each ring part must lie in guest RAM (§2.7: the descriptor table, 16 bytes per
+        entry; the available ring, 6 + 2 * size; the used ring, 6 + 8 * size).  They are checked here once
+        and then read and written through views of exactly those bytes, which cannot reach past them."""
+        problem = self.validate()
+        if problem is not None:
+            return problem
+        try:
+            self._rings = self._map(mem)
+        except GuestMemoryError as err:
+            return f"ring outside guest RAM: {err}"
+        return None
+
+    def _map(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
+        size = self.size
+        return (mem.view(self.desc_addr, 16 * size), mem.view(self.avail_addr, 6 + 2 * size),
+                mem.view(self.used_addr, 6 + 8 * size))
+
+    def _views(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
+        """The ring views; made now for a queue set ready without :meth:`activate` (a test's shortcut)."""
+        if self._rings is None:
+            try:
+                self._rings = self._map(mem)
+            except GuestMemoryError as err:
+                raise VirtqueueError(f"ring outside guest RAM: {err}") from err
+        return self._rings
+
     # -- the available side ------------------------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:
-        return int(mem.unpack_from(U16, self.avail_addr + 2)[0])
+        return int(U16.unpack_from(self._views(mem)[1], 2)[0])
 
     def has_available(self, mem: GuestMemory) -> bool:
         return self.avail_idx(mem) != self.last_avail_idx
@@ -150,63 +180,45 @@ class Virtqueue:
 
         Raises :class:`VirtqueueError` for anything the device cannot parse.
         """
-        ram0 = mem.regions[0]
-        lo, hi = ram0.gpa, ram0.gpa + ram0.size
-        try:
-            at = self.avail_addr + 2
-            if lo <= at and at + 2 <= hi:  # fast path, see _read_chain
-                avail_idx = U16.unpack_from(ram0.buf, at - lo)[0]
-            else:
-                avail_idx = int(mem.unpack_from(U16, at)[0])
-            pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-            if pending == 0:
-                return None
-            if pending > self.size:
-                # The driver claims more buffers than the ring holds (QEMU: "Guest moved avail index").
-                raise VirtqueueError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail_idx}")
-            # The ring entry and the descriptors are read after the idx that published them (pairs with the
-            # driver's write barrier before its avail.idx store; barrier.py).
-            rmb()
-            slot = self.last_avail_idx % self.size
-            at = self.avail_addr + 4 + 2 * slot
-            if lo <= at and at + 2 <= hi:
-                head = U16.unpack_from(ram0.buf, at - lo)[0]
-            else:
-                head = int(mem.unpack_from(U16, at)[0])
-            chain = self._read_chain(mem, head)
-        except GuestMemoryError as err:
-            raise VirtqueueError(f"ring access outside guest RAM: {err}") from err
+        desc, avail, _ = self._rings or self._views(mem)
+        avail_idx = U16.unpack_from(avail, 2)[0]
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            # The driver claims more buffers than the ring holds (QEMU: "Guest moved avail index").
+            raise VirtqueueError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail_idx}")
+        # The ring entry and the descriptors are read after the idx that published them (pairs with the
+        # driver's write barrier before its avail.idx store; barrier.py).
+        rmb()
+        head = U16.unpack_from(avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        chain = self._read_chain(mem, head, desc)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
-    def _read_chain(self, mem: GuestMemory, head: int) -> DescriptorChain:
+    def _read_chain(self, mem: GuestMemory, head: int, table: memoryview) -> DescriptorChain:
+        """The chain at ``head`` of the descriptor table ``table`` (a view: an index inside it is inside
+        the table; an indirect table becomes the view of its own bytes, checked once)."""
         size = self.size
         if head >= size:
             raise VirtqueueError(f"head index {head} >= queue size {size}")
         descs: list[Descriptor] = []
         readable = writable = 0
         index = head
-        table = self.desc_addr
         limit = size  # descriptors we may still follow in the current table
         in_indirect = False
-        unpack = mem.unpack_from
-        # Hot path (every request; profiled with bench/blk.py): GuestMemory's accessors cost two Python
-        # calls per access.  A descriptor or buffer inside the first RAM region (all RAM below the device
-        # hole) is bounds-checked here with two comparisons and read straight from that region's mmap;
-        # anything else goes through the general, equally checked, GuestMemory path.
+        # Hot path (every request; profiled with bench/blk.py): a buffer inside the first RAM region (all
+        # RAM below the device hole) is bounds-checked with two comparisons; anything else goes through
+        # the general, equally checked, GuestMemory path.
         ram0 = mem.regions[0]
-        buf, lo, hi = ram0.buf, ram0.gpa, ram0.gpa + ram0.size
+        lo, hi = ram0.gpa, ram0.gpa + ram0.size
         desc_unpack = DESC.unpack_from
         new_desc = _new_descriptor
         while True:
             if limit == 0:
                 raise VirtqueueError(f"descriptor chain at head {head} is longer than its table (a loop?)")
             limit -= 1
-            at = table + 16 * index
-            if lo <= at and at + 16 <= hi:
-                addr, length, flags, nxt = desc_unpack(buf, at - lo)
-            else:
-                addr, length, flags, nxt = unpack(DESC, at)
+            addr, length, flags, nxt = desc_unpack(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise VirtqueueError("indirect table contains an INDIRECT descriptor (§2.7.5.3.1)")
@@ -216,10 +228,12 @@ class Virtqueue:
                     raise VirtqueueError("descriptor has both INDIRECT and NEXT (§2.7.5.3.1)")
                 if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_ENTRIES:
                     raise VirtqueueError(f"indirect table length {length} is not 16..16*1024 in steps of 16")
-                if not mem.contains(addr, length):
-                    raise VirtqueueError(f"indirect table {addr:#x}+{length:#x} outside guest RAM")
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError:
+                    raise VirtqueueError(f"indirect table {addr:#x}+{length:#x} outside guest RAM") from None
                 # §2.7.5.3.2: the device ignores the WRITE flag of the descriptor naming the table.
-                table, size, limit, index, in_indirect = addr, length // 16, length // 16, 0, True
+                size, limit, index, in_indirect = length // 16, length // 16, 0, True
                 continue
             if length:
                 if not (lo <= addr and addr + length <= hi) and not mem.contains(addr, length):
@@ -248,23 +262,11 @@ class Virtqueue:
         The element is stored before the index that publishes it: the driver may read the element as
         soon as it sees the new idx.
         """
-        slot = self.used_idx % self.size
-        ram0 = mem.regions[0]
-        lo = ram0.gpa
-        elem, idx = self.used_addr + 4 + 8 * slot, self.used_addr + 2
-        try:
-            if lo <= idx and elem + 8 <= lo + ram0.size:  # fast path, see _read_chain (idx < elem)
-                USED_ELEM.pack_into(ram0.buf, elem - lo, head, written_len & _U32_MAX)
-                self.used_idx = (self.used_idx + 1) & 0xFFFF
-                wmb()  # the element before the idx that publishes it (pairs with the driver's read barrier)
-                U16.pack_into(ram0.buf, idx - lo, self.used_idx)
-            else:
-                mem.pack_into(USED_ELEM, elem, head, written_len & _U32_MAX)
-                self.used_idx = (self.used_idx + 1) & 0xFFFF
-                wmb()
-                mem.pack_into(U16, idx, self.used_idx)
-        except GuestMemoryError as err:
-            raise VirtqueueError(f"used ring outside guest RAM: {err}") from err
+        used = (self._rings or self._views(mem))[2]
+        USED_ELEM.pack_into(used, 4 + 8 * (self.used_idx % self.size), head, written_len & _U32_MAX)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        wmb()  # the element before the idx that publishes it (pairs with the driver's read barrier)
+        U16.pack_into(used, 2, self.used_idx)
 
     def enable_notification(self, mem: GuestMemory) -> bool:
         """Ask the driver to notify us for the next buffer; True if buffers arrived meanwhile.
@@ -274,13 +276,10 @@ class Virtqueue:
         would otherwise sit in the ring with no notification coming.  Without EVENT_IDX the device
         never sets VIRTQ_USED_F_NO_NOTIFY, so there is nothing to re-enable.
         """
-        try:
-            if self.event_idx:
-                mem.pack_into(U16, self.used_addr + 4 + 8 * self.size, self.last_avail_idx)
-                mb()  # our avail_event store before the avail.idx load (pairs with the driver's full barrier)
-            return self.has_available(mem)
-        except GuestMemoryError as err:
-            raise VirtqueueError(f"ring access outside guest RAM: {err}") from err
+        if self.event_idx:
+            U16.pack_into(self._views(mem)[2], 4 + 8 * self.size, self.last_avail_idx)
+            mb()  # our avail_event store before the avail.idx load (pairs with the driver's full barrier)
+        return self.has_available(mem)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the used buffers pushed since the last call warrant an interrupt (§2.7.7, §2.7.10)."""
@@ -289,11 +288,7 @@ class Virtqueue:
         if old == new:
             return False
         mb()  # our used idx store before the driver's suppression field load (pairs with its full barrier)
-        try:
-            if self.event_idx:
-                used_event = int(mem.unpack_from(U16, self.avail_addr + 4 + 2 * self.size)[0])
-                return _need_event(used_event, new, old)
-            flags = int(mem.unpack_from(U16, self.avail_addr)[0])
-        except GuestMemoryError as err:
-            raise VirtqueueError(f"ring access outside guest RAM: {err}") from err
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        avail = self._views(mem)[1]
+        if self.event_idx:
+            return _need_event(U16.unpack_from(avail, 4 + 2 * self.size)[0], new, old)
+        return not U16.unpack_from(avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
