@@ -23,6 +23,7 @@ from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_addres
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.guestexit import GuestExit
 from pyvmm.devices.pvpanic import PVPANIC_PANICKED, PvPanic, describe
+from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.errors import ConfigError
 from pyvmm.eventloop import EventLoop
 from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
@@ -128,10 +129,13 @@ def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
     the panic report reach the console; with ``--no-panic-exit`` only a log line, as the console's panic
     watcher is off then too) and the guest exit device (the VM ends with the guest's status)."""
 
+    reported = LogLimiter()  # a guest may write the pvpanic port in a loop
+
     def on_pvpanic(events: int) -> None:
         if not config.panic_exit:  # like the console's panic watcher, which is off then too
-            log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running",
-                        describe(events))
+            if reported.tick():
+                log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running "
+                            "(%d reports so far)", describe(events), reported.count)
             return
         if vmm_ref:
             vmm_ref[0].note_panic(f"reported by pvpanic ({describe(events)})")

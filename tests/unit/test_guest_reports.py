@@ -159,3 +159,21 @@ def test_init_without_exec_and_with_a_hand_written_one() -> None:
     assert _init_parse("console=ttyS0 xpyvmm.exec=nope") is None
     assert _init_parse('console=ttyS0 pyvmm.exec="ls -l /" quiet') == "ls -l /"
     assert _init_parse("pyvmm.exec=true") == "true"
+
+
+def test_a_guest_writing_pvpanic_in_a_loop_cannot_flood_the_log(caplog: pytest.LogCaptureFixture,
+                                                               tmp_path: Path) -> None:
+    """With --no-panic-exit each report is only a log line: a guest that repeats it gets the first few and
+    then every power of two, with the running count."""
+    from pyvmm.buildparts import make_guest_reports
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"x")
+    pvpanic, _ = make_guest_reports(VmConfig(kernel=kernel, panic_exit=False), [],
+                                    lambda status, reason: pytest.fail("the VM was stopped"))
+    with caplog.at_level("WARNING"):
+        for _ in range(1000):
+            pvpanic.write(0, 1, PVPANIC_PANICKED)
+    lines = [r.getMessage() for r in caplog.records if "pvpanic" in r.getMessage()]
+    assert 8 <= len(lines) <= 8 + 7  # 1..8, then 16, 32, ..., 512
+    assert lines[-1].endswith("(512 reports so far)")
