@@ -12,9 +12,8 @@ import contextlib
 import importlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 
-from pyvmm.buildparts import BuildReport
+from pyvmm.buildparts import CONSOLE_FROM_CONFIG, BuildReport, ConsoleFd
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.vmm import Vmm
@@ -24,7 +23,7 @@ from pyvmm.vmm import Vmm
 BUILDERS = {"x86_64": "pyvmm.builder_x86_64", "aarch64": "pyvmm.builder_aarch64"}
 
 
-def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, BuildReport]:
+def build_vm(config: VmConfig, *, console_fd: ConsoleFd = CONSOLE_FROM_CONFIG) -> tuple[Vmm, BuildReport]:
     """Build (but do not start) the VM ``config`` describes.
 
     ``console_fd`` overrides where guest console output goes (``None`` = nowhere); by default it
@@ -37,22 +36,7 @@ def build_vm(config: VmConfig, *, console_fd: int | None = -1) -> tuple[Vmm, Bui
     except BaseException:
         stack.close()
         raise
-    vmm.symbolize = _symbolizer(config.kernel)  # reads nothing unless a stop report needs names
     return vmm, report
-
-
-def _symbolizer(kernel: Path) -> Callable[[int], str | None]:
-    """Address -> "symbol+0xoff" in ``kernel``; the symbol reader is imported at the first lookup."""
-    lookup: list[Callable[[int], str | None]] = []
-
-    def symbolize(addr: int) -> str | None:
-        if not lookup:
-            from pyvmm.loader.symbols import KernelSymbols
-
-            lookup.append(KernelSymbols(kernel).lookup)
-        return lookup[0](addr)
-
-    return symbolize
 
 
 def host_arch() -> str:
@@ -60,9 +44,10 @@ def host_arch() -> str:
     return os.uname().machine
 
 
-def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
+def _build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: ConsoleFd) -> Vmm:
     arch = host_arch()
     if arch not in BUILDERS:
         raise ConfigError(f"pyvmm builds {' and '.join(BUILDERS)} machines; this host is {arch}")
-    build: Callable[[VmConfig, contextlib.ExitStack, BuildReport, int | None], Vmm] = importlib.import_module(BUILDERS[arch]).build
+    build: Callable[[VmConfig, contextlib.ExitStack, BuildReport, ConsoleFd], Vmm] = importlib.import_module(
+        BUILDERS[arch]).build
     return build(config, stack, report, console_fd)

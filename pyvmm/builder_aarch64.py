@@ -19,13 +19,15 @@ from pyvmm.arch.aarch64.devicetree import build_device_tree
 from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
 from pyvmm.buildparts import (
     BuildReport,
+    ConsoleFd,
+    VmLink,
     add_exec_arg,
     attach_disks,
     create_vm,
     irqfd,
+    kernel_symbolizer,
     make_console,
     make_guest_reports,
-    make_stopper,
 )
 from pyvmm.bus import Bus
 from pyvmm.config import VmConfig
@@ -41,7 +43,7 @@ CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on arm64 (arch/arm64/include/uapi/asm/se
 UART_REGS = 8  # the 16550's register file; reg-io-width 1, reg-shift 0
 
 
-def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: int | None) -> Vmm:
+def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, console_fd: ConsoleFd) -> Vmm:
     report.host = "aarch64 KVM"
     if config.cpus > layout.MAX_CPUS:
         raise ConfigError(f"at most {layout.MAX_CPUS} vCPUs on aarch64")
@@ -75,13 +77,13 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
     stack.callback(loop.close)
     mmio = Bus("mmio")
     pio = Bus("pio", unclaimed_read=0xFFFFFFFF)  # aarch64 has no port I/O; the vCPU loop wants a bus anyway
-    vmm_ref: list[Vmm] = []
-    stop = make_stopper(vmm_ref)
+    link = VmLink()  # the devices made before the Vmm reach it through this
+    stop = link.stop
     console = make_console(config, stack, console_fd, stop)
     irqfds: list[tuple[int, int]] = []  # registered once the vGIC is initialised (after the vCPUs)
     serial = Serial16550(irqfd(vm, stack, layout.UART_SPI, irqfds), console)
     mmio.add(layout.UART_ADDR, UART_REGS, serial, "uart")
-    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
+    pvpanic, guest_exit = make_guest_reports(config, link)
     mmio.add(layout.PVPANIC_ADDR, PVPANIC_MMIO_SIZE, pvpanic, "pvpanic")
     mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
     attach_disks(config, vm, mem, mmio, loop, stack, report, slot=layout.virtio_mmio_slot,
@@ -109,8 +111,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         vm.irqfd(fd, spi)
 
     vmm = Vmm(vcpus, pio, mmio, loop, console, machine.Aarch64ExitHandler(), stack, timeout=config.timeout,
-              stats=config.stats, profile=config.debug)
-    vmm.serial = serial
-    vmm.mem = mem
-    vmm_ref.append(vmm)
+              stats=config.stats, profile=config.debug, serial=serial, mem=mem,
+              symbolize=kernel_symbolizer(config.kernel))
+    link.attach(vmm)
     return vmm

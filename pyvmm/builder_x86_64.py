@@ -18,14 +18,16 @@ from pyvmm.arch.x86_64.initrd import load_initrd
 from pyvmm.arch.x86_64.kernel import load_kernel
 from pyvmm.buildparts import (
     BuildReport,
+    ConsoleFd,
+    VmLink,
     add_exec_arg,
     attach_disks,
     attach_gdb,
     create_vm,
     irqfd,
+    kernel_symbolizer,
     make_console,
     make_guest_reports,
-    make_stopper,
 )
 from pyvmm.bus import Bus
 from pyvmm.coalescing import coalesce_port_writes
@@ -66,7 +68,7 @@ def _debug_target(mem: GuestMemory, vm: VmFd) -> DebugTarget:
 
 
 def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
-                  console_fd: int | None) -> Vmm:
+                  console_fd: ConsoleFd) -> Vmm:
     host = hostkvm.resolve(config.workarounds)
     report.host = host.reason
 
@@ -92,8 +94,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     stack.callback(loop.close)
     pio = Bus("pio", unclaimed_read=0xFFFFFFFF)
     mmio = Bus("mmio")
-    vmm_ref: list[Vmm] = []
-    stop = make_stopper(vmm_ref)
+    link = VmLink()  # the devices made before the Vmm reach it through this
+    stop = link.stop
     console = make_console(config, stack, console_fd, stop)
     serial_irq = irqfd(vm, stack, layout.COM1_IRQ)
     serial = Serial16550(serial_irq, console)
@@ -105,7 +107,7 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
             "acpi-sleep")
     boot_timer = BootTimer()
     mmio.add(layout.BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer, "boot-timer")
-    pvpanic, guest_exit = make_guest_reports(config, vmm_ref, stop)
+    pvpanic, guest_exit = make_guest_reports(config, link)
     pio.add(layout.PVPANIC_PORT, PVPANIC_PORT_SIZE, pvpanic, "pvpanic")
     mmio.add(layout.GUEST_EXIT_ADDR, GUEST_EXIT_SIZE, guest_exit, "guest-exit")
 
@@ -145,11 +147,9 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
 
     arch = machine.X86ExitHandler(mem, assist=host.software)
     vmm = Vmm(vcpus, pio, mmio, loop, console, arch, stack, timeout=config.timeout, stats=config.stats,
-              coalesced=coalesced, profile=config.debug)
-    vmm.serial = serial
-    vmm.mem = mem
-    vmm.boot_timer = boot_timer
-    vmm_ref.append(vmm)
+              coalesced=coalesced, profile=config.debug, serial=serial, mem=mem, boot_timer=boot_timer,
+              symbolize=kernel_symbolizer(config.kernel))
+    link.attach(vmm)
     attach_gdb(config, vmm, mem, lambda: _debug_target(mem, vm), stack, report)
     return vmm
 

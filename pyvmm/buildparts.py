@@ -16,7 +16,8 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pyvmm.bus import Bus
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_address
@@ -87,12 +88,47 @@ def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
     return mem, kvm, vm
 
 
-def make_stopper(vmm_ref: list[Vmm]) -> Callable[[ExitStatus, str], None]:
-    def stop(status: ExitStatus, reason: str) -> None:
-        if vmm_ref:
-            vmm_ref[0].request_stop(status, reason)
+def kernel_symbolizer(kernel: Path) -> Callable[[int], str | None]:
+    """Address -> "symbol+0xoff" in ``kernel`` (for stop reports); nothing is read, and the symbol reader not
+    imported, until the first lookup."""
+    lookup: list[Callable[[int], str | None]] = []
 
-    return stop
+    def symbolize(addr: int) -> str | None:
+        if not lookup:
+            from pyvmm.loader.symbols import KernelSymbols
+
+            lookup.append(KernelSymbols(kernel).lookup)
+        return lookup[0](addr)
+
+    return symbolize
+
+
+class VmLink:
+    """How the devices made before the :class:`Vmm` reach it: the builder makes the link first, hands its
+    methods to the devices that end the VM or report on it, and attaches the Vmm once it exists.  Until
+    then (a device acting during the build) the calls do nothing."""
+
+    def __init__(self) -> None:
+        self._vmm: Vmm | None = None
+
+    def attach(self, vmm: Vmm) -> None:
+        self._vmm = vmm
+
+    def stop(self, status: ExitStatus, reason: str) -> None:
+        if self._vmm is not None:
+            self._vmm.request_stop(status, reason)
+
+    def note_panic(self, report: str) -> None:
+        if self._vmm is not None:
+            self._vmm.note_panic(report)
+
+    def guest_exit(self, status: int) -> None:
+        if self._vmm is not None:
+            self._vmm.guest_exit(status)
+
+    def panic_line(self) -> str | None:
+        """The console's first panic line, if any."""
+        return self._vmm.console.panic_line if self._vmm is not None else None
 
 
 def after_panic_grace(fn: Callable[[], None]) -> None:
@@ -102,10 +138,15 @@ def after_panic_grace(fn: Callable[[], None]) -> None:
     t.start()
 
 
-def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: int | None,
+# build_vm's console_fd: an fd, None (nowhere), or this: where config.console says
+CONSOLE_FROM_CONFIG: Literal["config"] = "config"
+ConsoleFd = int | None | Literal["config"]
+
+
+def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: ConsoleFd,
                  stop: Callable[[ExitStatus, str], None]) -> ConsoleOutput:
     """The guest console sink; with ``panic_exit`` a kernel panic line stops the VM shortly after."""
-    fd = _console_fd(config, stack) if console_fd == -1 else console_fd
+    fd = _console_fd(config, stack) if console_fd == CONSOLE_FROM_CONFIG else console_fd
 
     def on_panic(line: str) -> None:
         after_panic_grace(lambda: stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line}"))
@@ -122,8 +163,7 @@ def add_exec_arg(cmdline: Cmdline, cmd: str | None) -> None:
     cmdline.add(*exec_arg(cmd))
 
 
-def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
-                       stop: Callable[[ExitStatus, str], None]) -> tuple[PvPanic, GuestExit]:
+def make_guest_reports(config: VmConfig, link: VmLink) -> tuple[PvPanic, GuestExit]:
     """The two devices through which the guest itself says how it ended, wired to the VM: pvpanic (a
     panic counts whatever follows; with ``panic_exit`` the VM stops after the grace period that lets
     the panic report reach the console; with ``--no-panic-exit`` only a log line, as the console's panic
@@ -137,22 +177,17 @@ def make_guest_reports(config: VmConfig, vmm_ref: list[Vmm],
                 log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running "
                             "(%d reports so far)", describe(events), reported.count)
             return
-        if vmm_ref:
-            vmm_ref[0].note_panic(f"reported by pvpanic ({describe(events)})")
+        link.note_panic(f"reported by pvpanic ({describe(events)})")
         if events & PVPANIC_PANICKED:
             # A crash kernel that was loaded (CRASH_LOADED alone) is left to do its work.
             def stop_after_grace() -> None:
-                line = vmm_ref[0].console.panic_line if vmm_ref else None
-                stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
-                                             "(reported by pvpanic)")
+                line = link.panic_line()
+                link.stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
+                                                  "(reported by pvpanic)")
 
             after_panic_grace(stop_after_grace)
 
-    def on_exit(status: int) -> None:
-        if vmm_ref:
-            vmm_ref[0].guest_exit(status)
-
-    return PvPanic(on_pvpanic), GuestExit(on_exit)
+    return PvPanic(on_pvpanic), GuestExit(link.guest_exit)
 
 def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: EventLoop,
                  stack: contextlib.ExitStack, report: BuildReport, *, slot: Callable[[int], tuple[int, int]],

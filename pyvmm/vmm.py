@@ -142,6 +142,10 @@ class Vmm:
         stats: bool = False,
         coalesced: CoalescedWrites | None = None,
         profile: DebugKnobs | None = None,
+        serial: Serial16550 | None = None,
+        mem: GuestMemory | None = None,
+        boot_timer: BootTimer | None = None,
+        symbolize: Callable[[int], str | None] | None = None,
     ) -> None:
         self.vcpus = vcpus
         self.pio = pio
@@ -168,7 +172,7 @@ class Vmm:
         self._sample_due = False
         # For the stop report: per-vCPU exit counters and RIP samples; kernel symbols, read only for a report.
         self.progress = ProgressWatch(v.index for v in vcpus)
-        self.symbolize: Callable[[int], str | None] | None = None
+        self.symbolize = symbolize
         self.coalesced = coalesced
         self._tables = _Tables(*self.pio.handlers(), *self.mmio.handlers())  # until run() wraps the UART's
         # --stats: the counting loop, chosen here once; each vCPU thread adds its counter at its end
@@ -183,9 +187,9 @@ class Vmm:
         self.debug: DebugHooks | None = None  # the gdb server's all-stop control (pyvmm.gdb), if any
         # What the builder hands over besides the run itself: the console UART (the runner feeds it stdin),
         # guest RAM and, on x86, the boot timer (tests and benchmarks read them)
-        self.serial: Serial16550 | None = None
-        self.mem: GuestMemory | None = None
-        self.boot_timer: BootTimer | None = None
+        self.serial = serial
+        self.mem = mem
+        self.boot_timer = boot_timer
         self._perf_at_start = 0.0
 
     # -- stopping --------------------------------------------------------------------------------------
