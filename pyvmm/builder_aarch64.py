@@ -57,7 +57,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
         ram = layout.ram_layout(config.memory)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    mem, _, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages)
+    mem, _, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages,
+                           kvm_device=config.debug.kvm_device)
     # The vGIC exists (with its addresses) before any vCPU; CTRL_INIT comes after them.
     gic = machine.create_vgic(vm)
     stack.callback(gic.close)

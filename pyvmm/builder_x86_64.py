@@ -73,7 +73,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
     report.host = host.reason
 
     ram = layout.ram_layout(config.memory)  # [(gpa, size)] around the device hole
-    mem, kvm, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages)
+    mem, kvm, vm = create_vm(ram, stack, machine.check_caps, huge_pages=config.debug.huge_pages,
+                           kvm_device=config.debug.kvm_device)
     report.notes += machine.setup_platform(vm)  # irqchip before any irqfd or vCPU
 
     # The kernel, its initrd and the boot parameters.

@@ -72,13 +72,14 @@ def _console_fd(config: VmConfig, stack: contextlib.ExitStack) -> int | None:
     return fd
 
 def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
-              check_caps: Callable[[VmFd], None], *, huge_pages: bool = True) -> tuple[GuestMemory, Kvm, VmFd]:
+              check_caps: Callable[[VmFd], None], *, huge_pages: bool = True,
+              kvm_device: str | None = None) -> tuple[GuestMemory, Kvm, VmFd]:
     """Guest RAM (on huge pages where the host has them, :mod:`pyvmm.memory`), the KVM system fd and a VM
     with the RAM mapped as memory slots 0, 1, ...  RAM comes first, so it is released last (after the VM
     that maps it)."""
     mem = GuestMemory(ram, huge_pages=huge_pages)
     stack.callback(mem.close)
-    kvm = Kvm()
+    kvm = Kvm(kvm_device)
     stack.callback(kvm.close)
     vm = kvm.create_vm()
     stack.callback(vm.close)

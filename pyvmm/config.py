@@ -226,6 +226,7 @@ class DebugKnobs:
     ioeventfd: bool = True  # PYVMM_NO_IOEVENTFD=1: virtqueue notifications as MMIO exits instead
     coalesced_pio: bool = True  # PYVMM_NO_COALESCED_PIO=1: every UART THR write exits
     huge_pages: bool = True  # PYVMM_NO_HUGEPAGES=1: guest RAM on 4 KiB pages (no MADV_HUGEPAGE)
+    kvm_device: str | None = None  # PYVMM_KVM_DEVICE=PATH: the VM's KVM device node instead of /dev/kvm
     guest_profile_s: float = 0.0  # PYVMM_GUEST_PROFILE=SECONDS: sample the guest's PC this often
     guest_profile_out: str = "pyvmm-guest-profile.txt"  # PYVMM_GUEST_PROFILE_OUT=PATH: where the samples go
 
@@ -237,7 +238,7 @@ class DebugKnobs:
         except ValueError:
             raise ConfigError(f"PYVMM_GUEST_PROFILE={env.get('PYVMM_GUEST_PROFILE')!r}: expected seconds") from None
         return cls(ioeventfd=not env.get("PYVMM_NO_IOEVENTFD"), coalesced_pio=not env.get("PYVMM_NO_COALESCED_PIO"),
-                   huge_pages=not env.get("PYVMM_NO_HUGEPAGES"),
+                   huge_pages=not env.get("PYVMM_NO_HUGEPAGES"), kvm_device=env.get("PYVMM_KVM_DEVICE") or None,
                    guest_profile_s=max(profile, 0.0),
                    guest_profile_out=env.get("PYVMM_GUEST_PROFILE_OUT") or cls.guest_profile_out)
 

@@ -12,8 +12,6 @@ from pyvmm.kvm.ioctl import call, ioctl
 from pyvmm.kvm.vm import VmFd, check_extension
 
 KVM_DEVICE = "/dev/kvm"
-# Tests (and unusual hosts) may point pyvmm at another device node.
-KVM_DEVICE_ENV = "PYVMM_KVM_DEVICE"
 
 
 def _open_hint(path: str, err: OSError) -> str:
@@ -31,7 +29,7 @@ class Kvm:
     """The KVM system fd."""
 
     def __init__(self, path: str | None = None) -> None:
-        path = path or os.environ.get(KVM_DEVICE_ENV) or KVM_DEVICE
+        path = path or KVM_DEVICE
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
