@@ -23,6 +23,7 @@ from pyvmm.buildparts import (
     VmLink,
     add_exec_arg,
     attach_disks,
+    create_vcpus,
     create_vm,
     irqfd,
     kernel_symbolizer,
@@ -101,12 +102,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport, co
 
     # vCPUs last: they need the memory, the vGIC and the boot state.
     target = machine.preferred_target(vm)
-    vcpus = []
-    for index in range(config.cpus):
-        vcpu = vm.create_vcpu(index)
-        stack.callback(vcpu.close)
-        machine.setup_vcpu(vcpu, target, entry=kernel.entry, fdt_addr=fdt_addr)
-        vcpus.append(vcpu)
+    vcpus = create_vcpus(vm, stack, config.cpus,
+                         lambda vcpu: machine.setup_vcpu(vcpu, target, entry=kernel.entry, fdt_addr=fdt_addr))
     gic.finalize()
     for fd, spi in irqfds:
         vm.irqfd(fd, spi)

@@ -23,6 +23,7 @@ from pyvmm.buildparts import (
     add_exec_arg,
     attach_disks,
     attach_gdb,
+    create_vcpus,
     create_vm,
     irqfd,
     kernel_symbolizer,
@@ -130,12 +131,8 @@ def build(config: VmConfig, stack: contextlib.ExitStack, report: BuildReport,
 
     # vCPUs last: they need the memory, the irqchip and the boot state.
     supported = get_supported_cpuid(kvm)
-    vcpus = []
-    for index in range(config.cpus):
-        vcpu = vm.create_vcpu(index)
-        stack.callback(vcpu.close)
-        machine.setup_vcpu(vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software)
-        vcpus.append(vcpu)
+    vcpus = create_vcpus(vm, stack, config.cpus, lambda vcpu: machine.setup_vcpu(
+        vcpu, supported, config.cpus, entry=kernel.entry, hide_xsave=host.software))
 
     # The UART's THR writes through KVM's coalesced ring where the host has KVM_CAP_COALESCED_PIO: no exit
     # per console byte; exits on the UART's ports replay the ring first where the writes could change

@@ -31,6 +31,7 @@ from pyvmm.guestexec import EXEC64_KEY, EXEC_KEY, exec_arg
 from pyvmm.interrupt import EventFd, EventFdIrq
 from pyvmm.kvm.abi import KVM_CAP_IOEVENTFD
 from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.memory import GuestMemory
@@ -102,6 +103,18 @@ def kernel_symbolizer(kernel: Path) -> Callable[[int], str | None]:
         return lookup[0](addr)
 
     return symbolize
+
+
+def create_vcpus(vm: VmFd, stack: contextlib.ExitStack, count: int,
+                 setup: Callable[[VcpuFd], None]) -> list[VcpuFd]:
+    """vCPUs 0..count-1, each set up by the architecture's ``setup`` as soon as it exists."""
+    vcpus = []
+    for index in range(count):
+        vcpu = vm.create_vcpu(index)
+        stack.callback(vcpu.close)
+        setup(vcpu)
+        vcpus.append(vcpu)
+    return vcpus
 
 
 class VmLink:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 
+from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.device import DeviceFd
 from pyvmm.kvm.ioctl import call, ioctl
@@ -33,6 +35,12 @@ class VmFd:
 
     def check_extension(self, cap: int) -> int:
         return check_extension(self.fd, cap)
+
+    def require(self, caps: Mapping[str, int]) -> None:
+        """KvmError naming every capability of ``caps`` (name -> KVM_CAP_*) this VM lacks."""
+        missing = [name for name, cap in caps.items() if not self.check_extension(cap)]
+        if missing:
+            raise KvmError(f"this host's KVM lacks {', '.join(missing)}")
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
         region = abi.kvm_userspace_memory_region(

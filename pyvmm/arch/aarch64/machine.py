@@ -37,9 +37,7 @@ NR_IRQS = 128
 
 
 def check_caps(vm: VmFd) -> None:
-    missing = [name for name, cap in REQUIRED_CAPS.items() if not vm.check_extension(cap)]
-    if missing:
-        raise KvmError(f"this host's KVM lacks {', '.join(missing)}")
+    vm.require(REQUIRED_CAPS)
 
 
 @dataclass

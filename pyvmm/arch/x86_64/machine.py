@@ -36,9 +36,7 @@ REQUIRED_CAPS = {
 
 
 def check_caps(vm: VmFd) -> None:
-    missing = [name for name, cap in REQUIRED_CAPS.items() if not vm.check_extension(cap)]
-    if missing:
-        raise KvmError(f"this host's KVM lacks {', '.join(missing)}")
+    vm.require(REQUIRED_CAPS)
 
 
 def setup_platform(vm: VmFd) -> list[str]:
