@@ -2,7 +2,7 @@
 console and its panic watcher, the devices through which the guest reports how it ended, the virtio
 disks with their ioeventfds and irqfds, and the build report.
 
-Used by pyvmm/builder_x86_64.py and pyvmm/builder_aarch64.py; nothing here knows an architecture (an
+Used by pyvmm/builder.py and the machines (pyvmm/arch/*/board.py); nothing here knows an architecture (an
 architecture's addresses and interrupt numbers come in as arguments).
 """
 

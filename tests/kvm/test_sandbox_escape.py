@@ -23,7 +23,7 @@ pytestmark = pytest.mark.kvm
 
 ESCAPE = textwrap.dedent("""\
     import os, sys
-    from pyvmm import builder_x86_64, cli
+    from pyvmm import builder, cli
 
     class Escaper:
         def read(self, offset, size):
@@ -31,13 +31,13 @@ ESCAPE = textwrap.dedent("""\
         def write(self, offset, size, value):
             pass
 
-    build = builder_x86_64.build
+    build = builder.build
     def with_escaper(config, stack, report, console_fd):
         vmm = build(config, stack, report, console_fd)
         vmm.pio.add(0x530, 1, Escaper(), "escaper")  # firmware/pollport.S polls this port
         return vmm
 
-    builder_x86_64.build = with_escaper
+    builder.build = with_escaper
     sys.exit(cli.main(sys.argv[1:]))
 """)
 

@@ -19,7 +19,7 @@ def test_run_path_leaves_out_what_only_some_runs_need() -> None:
     the exit statistics, the symbol reader and the JSON and base64 codecs are imported by the runs that use
     them (--gdb, --config, a bzImage kernel, --disk, a software KVM, --stats, a stop report, `config
     --print`, --exec)."""
-    code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder, pyvmm.builder_x86_64; "
+    code = ("import sys, pyvmm.cli, pyvmm.runner, pyvmm.builder, pyvmm.arch.x86_64.board; "
             "print(sorted(m for m in sys.modules if m.startswith(('pyvmm.gdb', 'pyvmm.arch.x86_64.gdbtarget', "
             "'pyvmm.arch.x86_64.debugprobe', 'tomllib', 'socket', 'pyvmm.arch.x86_64.bzimage', "
             "'pyvmm.loader.decompress', 'lzma', 'bz2', 'pyvmm.devices.virtio', 'pyvmm.arch.x86_64.assist', "
