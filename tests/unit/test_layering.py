@@ -116,3 +116,15 @@ def test_only_the_kvm_layer_issues_ioctls() -> None:
                   and node.value.id == "fcntl"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} calls fcntl.ioctl")
     assert offenders == []
+
+
+def test_the_builder_never_names_an_architecture() -> None:
+    """builder.py is the one build script: every architectural difference is a Machine method
+    (arch/*/board.py), and the architectures appear only in the table that picks the machine."""
+    source = (ROOT / "builder.py").read_text()
+    tree = ast.parse(source)
+    table = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "MACHINES")
+    lines = source.splitlines()
+    rest = "\n".join(lines[:table.lineno - 1] + lines[table.end_lineno or table.lineno:])
+    for word in ("x86", "aarch64", "arm64", "X86", "Aarch64"):
+        assert word not in rest.split('"""', 2)[-1], f"builder.py names {word} outside MACHINES"
