@@ -14,7 +14,7 @@ __u32 pio;}; __u8 data[8];}``), behaviour from virt/kvm/coalesced_mmio.c and api
 
 The parser reads and writes the page with ``struct`` at fixed offsets (derived from the ctypes structs in
 :mod:`pyvmm.kvm.abi`), so it runs on the real mapping and on a ``bytearray`` in tests alike.  It takes no
-lock: callers that may drain from several threads serialise :meth:`CoalescedRing.drain` themselves.
+lock: callers that may take from several threads serialise :meth:`CoalescedRing.take_runs` themselves.
 Memory ordering: the kernel publishes an entry before ``last`` (``smp_wmb``); on x86 (TSO) reading
 ``last`` and then the entry needs no barrier, which is where pyvmm uses the ring (the UART's port).
 """
@@ -25,7 +25,6 @@ import ctypes
 import itertools
 import mmap
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from pyvmm.kvm import abi
@@ -45,9 +44,6 @@ assert (abi.kvm_coalesced_mmio.phys_addr.offset, abi.kvm_coalesced_mmio.len.offs
         abi.kvm_coalesced_mmio.pio.offset, _DATA_OFFSET) == (0, 8, 12, 16)
 _MASK = [(1 << (8 * n)) - 1 for n in range(_DATA_SIZE + 1)]
 
-# deliver(address, length, is_pio, value): one guest write, replayed
-Deliver = Callable[[int, int, bool, int], None]
-
 
 class CoalescedRing:
     """The ring at ``offset`` in ``buf`` (the vCPU mapping, or any writable buffer of a page)."""
@@ -62,44 +58,16 @@ class CoalescedRing:
         self.capacity = (page_size - _HEADER_SIZE) // _ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
         self.drained = 0  # entries replayed so far (statistics)
 
-    def pending(self) -> int:
-        """How many entries wait in the ring (0 when its indices make no sense)."""
-        first, last = _HEADER.unpack_from(self._buf, self._header)
-        if first >= self.capacity or last >= self.capacity:
-            return 0
-        return int((last - first) % self.capacity)
-
-    def empty(self) -> bool:
-        """Nothing waits (the cheap check before taking a lock to :meth:`drain`)."""
-        first, last = _HEADER.unpack_from(self._buf, self._header)
-        return bool(first == last)
-
-    def take(self) -> list[tuple[int, int, bool, int]]:
-        """Every waiting entry, oldest first, as ``(address, length, is_pio, value)``; ``first`` is advanced
-        past them before this returns, so each entry is handed out once, even to a caller that then takes
-        again (re-entrantly, from what it delivers).  One read of the indices: entries the kernel adds
-        meanwhile (another vCPU) wait for the next call.  Nothing for indices the kernel never leaves
-        (it then stops coalescing: writes exit)."""
-        buf, cap = self._buf, self.capacity
-        first, last = _HEADER.unpack_from(buf, self._header)
-        if first == last or first >= cap or last >= cap:
-            return []
-        view = memoryview(buf)
-        base = self._entries
-        if first < last:
-            raw = list(_ENTRY.iter_unpack(view[base + first * _ENTRY_SIZE:base + last * _ENTRY_SIZE]))
-        else:  # wrapped around the end of the ring
-            raw = list(_ENTRY.iter_unpack(view[base + first * _ENTRY_SIZE:base + cap * _ENTRY_SIZE]))
-            raw += _ENTRY.iter_unpack(view[base:base + last * _ENTRY_SIZE])
-        _FIRST.pack_into(buf, self._first, last)
-        self.drained += len(raw)
-        return [(addr, min(length, _DATA_SIZE), pio != 0, data & _MASK[min(length, _DATA_SIZE)])
-                for addr, length, pio, data in raw]
-
     def take_runs(self) -> list[tuple[int, int, bool, list[int]]]:
-        """As :meth:`take`, grouped into runs of consecutive writes of one length to one address:
-        ``(address, length, is_pio, values)``.  The common case, a console line of one-byte writes to the
-        UART's THR, is decoded without a Python step per byte (a strided slice of the data bytes)."""
+        """Every waiting entry, oldest first, grouped into runs of consecutive writes of one length to one
+        address: ``(address, length, is_pio, values)``, each value masked to its length (the bytes of
+        ``data`` past it are stale).  The common case, a console line of one-byte writes to the UART's
+        THR, is decoded without a Python step per byte (a strided slice of the data bytes).
+
+        ``first`` is advanced past them before this returns, so each entry is handed out once, even to a
+        caller that takes again (re-entrantly, from what it delivers).  One read of the indices: entries
+        the kernel adds meanwhile (another vCPU) wait for the next call.  Nothing for indices the kernel
+        never leaves (it then stops coalescing: writes exit)."""
         buf, cap = self._buf, self.capacity
         first, last = _HEADER.unpack_from(buf, self._header)
         if first == last or first >= cap or last >= cap:
@@ -125,27 +93,3 @@ class CoalescedRing:
         _FIRST.pack_into(buf, self._first, last)
         self.drained += (last - first) % cap
         return runs
-
-    def drain(self, deliver: Deliver) -> int:
-        """Replay every waiting entry, oldest first, through ``deliver``; return how many.
-
-        Each entry is copied out and ``first`` advanced past it *before* it is delivered: a ``deliver``
-        that raises does not leave its entry to be replayed twice, and a ``deliver`` that drains the ring
-        itself (re-entrantly) leaves this loop consistent, since both indices are read afresh for every
-        entry.  Entries the kernel adds meanwhile (another vCPU) are replayed too, up to one ring's worth
-        per call: every entry that was there when the call began is replayed.
-        """
-        buf, cap, header = self._buf, self.capacity, self._header
-        n = 0
-        while n < cap:
-            first, last = _HEADER.unpack_from(buf, header)
-            if first == last or first >= cap or last >= cap:
-                break  # empty; or indices the kernel never leaves (it then stops coalescing: writes exit)
-            addr, length, pio, data = _ENTRY.unpack_from(buf, self._entries + first * _ENTRY_SIZE)
-            _FIRST.pack_into(buf, self._first, first + 1 if first + 1 < cap else 0)
-            if length > _DATA_SIZE:
-                length = _DATA_SIZE
-            n += 1
-            self.drained += 1
-            deliver(addr, length, pio != 0, data & _MASK[length])
-        return n

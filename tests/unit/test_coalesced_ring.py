@@ -1,7 +1,8 @@
 """The coalesced MMIO/PIO ring parser (pyvmm/kvm/coalesced.py) on a fake ring in a bytearray, laid out as
 include/uapi/linux/kvm.h's struct kvm_coalesced_mmio_ring: ``first``, ``last``, then entries of struct
 kvm_coalesced_mmio.  The kernel writes entries at ``last`` and advances it; userspace consumes from
-``first`` and advances it (virt/kvm/coalesced_mmio.c)."""
+``first`` and advances it (virt/kvm/coalesced_mmio.c).  ``take_runs`` hands out what waits, grouped
+into runs of writes to one register."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def _kernel_push(buf: bytearray, hdr: abi.kvm_coalesced_mmio_ring, addr: int, da
     hdr.last = (hdr.last + 1) % CAPACITY
 
 
+def _flat(ring: CoalescedRing) -> list[tuple[int, int, bool, int]]:
+    """What ``take_runs`` hands out, one ``(address, length, is_pio, value)`` per guest write."""
+    return [(a, n, p, v) for a, n, p, values in ring.take_runs() for v in values]
+
+
 def test_capacity_matches_the_kernel_formula() -> None:
     # KVM_COALESCED_MMIO_MAX = (PAGE_SIZE - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(entry)
     assert CAPACITY == 170
@@ -43,13 +49,10 @@ def test_capacity_matches_the_kernel_formula() -> None:
     assert CoalescedRing(buf, 0, PAGE).capacity == CAPACITY
 
 
-def test_empty_ring_delivers_nothing() -> None:
-    buf, _ = _ring()
+def test_empty_ring_hands_out_nothing() -> None:
+    buf, hdr = _ring()
     ring = CoalescedRing(buf, 0, PAGE)
-    got: list[tuple[int, int, bool, int]] = []
-    assert ring.pending() == 0
-    assert ring.drain(lambda *e: got.append(e)) == 0
-    assert got == []
+    assert ring.take_runs() == [] and hdr.first == hdr.last == 0 and ring.drained == 0
 
 
 def test_entries_come_out_in_order_and_first_catches_up() -> None:
@@ -59,64 +62,37 @@ def test_entries_come_out_in_order_and_first_catches_up() -> None:
         _kernel_push(buf, hdr, 0x3F8, bytes([ch]), base=base)
     _kernel_push(buf, hdr, 0xD000_0050, (0xDEADBEEF).to_bytes(4, "little"), pio=False, base=base)
     ring = CoalescedRing(buf, base, PAGE)
-    assert ring.pending() == 4
-    got: list[tuple[int, int, bool, int]] = []
-    assert ring.drain(lambda *e: got.append(e)) == 4
-    assert got == [(0x3F8, 1, True, 0x61), (0x3F8, 1, True, 0x62), (0x3F8, 1, True, 0x63),
-                   (0xD000_0050, 4, False, 0xDEADBEEF)]
+    assert ring.take_runs() == [(0x3F8, 1, True, [0x61, 0x62, 0x63]), (0xD000_0050, 4, False, [0xDEADBEEF])]
     assert hdr.first == hdr.last == 4
-    assert ring.pending() == 0
+    assert ring.take_runs() == [] and ring.drained == 4
 
 
-def test_wraparound() -> None:
+def test_wraparound_is_one_run() -> None:
     buf, hdr = _ring()
-    hdr.first = hdr.last = CAPACITY - 2
+    hdr.first = hdr.last = CAPACITY - 2  # the next entries wrap around the end of the page
     for i in range(5):
         _kernel_push(buf, hdr, 0x3F8, bytes([i]))
     assert hdr.last == 3
     ring = CoalescedRing(buf, 0, PAGE)
-    assert ring.pending() == 5
-    got: list[int] = []
-    assert ring.drain(lambda addr, size, pio, value: got.append(value)) == 5
-    assert got == [0, 1, 2, 3, 4]
-    assert hdr.first == 3
+    assert ring.take_runs() == [(0x3F8, 1, True, [0, 1, 2, 3, 4])]
+    assert hdr.first == 3 and ring.take_runs() == []
 
 
-def test_a_full_ring_drains_completely() -> None:
+def test_a_full_ring_comes_out_completely() -> None:
     buf, hdr = _ring()
     # The kernel refuses an entry that would make last == first: a full ring holds CAPACITY - 1.
     for i in range(CAPACITY - 1):
         _kernel_push(buf, hdr, 0x3F8, bytes([i & 0xFF]))
     ring = CoalescedRing(buf, 0, PAGE)
-    got: list[int] = []
-    assert ring.drain(lambda addr, size, pio, value: got.append(value)) == CAPACITY - 1
-    assert got == [i & 0xFF for i in range(CAPACITY - 1)]
+    assert [v for _, _, _, v in _flat(ring)] == [i & 0xFF for i in range(CAPACITY - 1)]
+    assert ring.drained == CAPACITY - 1
 
 
-def test_an_entry_is_consumed_before_it_is_delivered() -> None:
-    """A handler that raises does not leave its entry in the ring to be delivered again."""
-    buf, hdr = _ring()
-    for ch in b"xyz":
-        _kernel_push(buf, hdr, 0x3F8, bytes([ch]))
-    ring = CoalescedRing(buf, 0, PAGE)
-
-    def boom(addr: int, size: int, pio: bool, value: int) -> None:
-        raise RuntimeError("device bug")
-
-    with pytest.raises(RuntimeError):
-        ring.drain(boom)
-    assert hdr.first == 1
-    got: list[int] = []
-    ring.drain(lambda addr, size, pio, value: got.append(value))
-    assert got == [ord("y"), ord("z")]
-
-
-def test_nonsense_indices_deliver_nothing() -> None:
+def test_nonsense_indices_hand_out_nothing() -> None:
     """``last`` is the kernel's; an index outside the ring must not make the parser read past it."""
     buf, hdr = _ring()
     hdr.last = CAPACITY + 5
-    ring = CoalescedRing(buf, 0, PAGE)
-    assert ring.drain(lambda *e: pytest.fail("delivered")) == 0
+    assert CoalescedRing(buf, 0, PAGE).take_runs() == []
 
 
 def test_entry_length_is_clamped_to_the_data_field() -> None:
@@ -124,67 +100,38 @@ def test_entry_length_is_clamped_to_the_data_field() -> None:
     _put(buf, 0, 0, 0x3F8, b"\x01" * 8, pio=True)
     abi.kvm_coalesced_mmio.from_buffer(buf, 8).len = 99
     hdr.last = 1
-    got: list[tuple[int, int, bool, int]] = []
-    CoalescedRing(buf, 0, PAGE).drain(lambda *e: got.append(e))
-    assert got == [(0x3F8, 8, True, 0x0101010101010101)]
+    assert CoalescedRing(buf, 0, PAGE).take_runs() == [(0x3F8, 8, True, [0x0101010101010101])]
 
 
-def test_a_handler_that_drains_again_sees_each_entry_once() -> None:
-    """Replaying a write may end the VM, and the stop replays the ring again on the same thread."""
-    buf, hdr = _ring()
-    for ch in b"abcd":
-        _kernel_push(buf, hdr, 0x3F8, bytes([ch]))
-    ring = CoalescedRing(buf, 0, PAGE)
-    got: list[int] = []
-
-    def deliver(addr: int, size: int, pio: bool, value: int) -> None:
-        got.append(value)
-        if value == ord("b"):
-            ring.drain(deliver)
-
-    assert ring.drain(deliver) == 2  # a, b here; c, d in the nested call
-    assert bytes(got) == b"abcd"
-    assert ring.drained == 4 and ring.empty()
-
-
-def test_take_hands_out_every_entry_once_in_order_across_the_wrap() -> None:
-    buf, hdr = _ring()
-    hdr.first = hdr.last = CAPACITY - 2  # the next entries wrap around the end of the page
-    for ch in b"wxyz":
-        _kernel_push(buf, hdr, 0x3F8, bytes([ch]))
-    ring = CoalescedRing(buf, 0, PAGE)
-    assert hdr.last == 2
-    assert ring.take() == [(0x3F8, 1, True, ch) for ch in b"wxyz"]
-    assert hdr.first == 2 and ring.empty() and ring.take() == [] and ring.drained == 4
-
-
-def test_take_ignores_nonsense_indices() -> None:
-    buf, hdr = _ring()
-    hdr.last = CAPACITY + 5
-    assert CoalescedRing(buf, 0, PAGE).take() == []
+def _entries(buf: bytearray, first: int, last: int) -> list[tuple[int, int, bool, int]]:
+    """The waiting entries read one by one through the ctypes struct: the reference for take_runs."""
+    out = []
+    i = first
+    while i != last:
+        e = abi.kvm_coalesced_mmio.from_buffer(buf, ctypes.sizeof(abi.kvm_coalesced_mmio_ring)
+                                               + i * ctypes.sizeof(abi.kvm_coalesced_mmio))
+        n = min(e.len, 8)
+        out.append((e.phys_addr, n, bool(e.pio), int.from_bytes(bytes(e.data)[:n], "little")))
+        i = (i + 1) % CAPACITY
+    return out
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_take_runs_is_take_grouped(seed: int) -> None:
+def test_take_runs_groups_the_entries_in_ring_order(seed: int) -> None:
     """Runs of consecutive writes with one address, length and kind, in ring order, across the wrap,
-    with stale bytes past each entry's length masked off; the same entries take() gives one by one."""
+    with stale bytes past each entry's length masked off: the entries one by one, grouped."""
     rng = random.Random(seed)
-    twin = []
-    for _ in range(2):
-        buf, hdr = _ring()
-        twin.append((buf, hdr, CoalescedRing(buf, 0, PAGE)))
-    start = rng.randrange(CAPACITY)
-    for _, hdr, _ in twin:
-        hdr.first = hdr.last = start
+    buf, hdr = _ring()
+    hdr.first = hdr.last = start = rng.randrange(CAPACITY)
     for _ in range(rng.randrange(CAPACITY)):
         addr = rng.choice([0x3F8, 0x3F8, 0x3F8, 0x3F9, 0xD000_0050])
         data = bytes(rng.randrange(256) for _ in range(rng.choice([1, 1, 1, 2, 4, 8])))
-        for buf, hdr, _ in twin:
-            _put(buf, 0, hdr.last, addr, data + bytes([0xEE] * (8 - len(data))), pio=addr < 0x10000)
-            abi.kvm_coalesced_mmio.from_buffer(buf, 8 + hdr.last * ctypes.sizeof(abi.kvm_coalesced_mmio)).len = len(data)
-            hdr.last = (hdr.last + 1) % CAPACITY
-    one_by_one = twin[0][2].take()
-    runs = twin[1][2].take_runs()
-    assert [(a, n, p, v) for a, n, p, vs in runs for v in vs] == one_by_one
+        _put(buf, 0, hdr.last, addr, data + bytes([0xEE] * (8 - len(data))), pio=addr < 0x10000)
+        abi.kvm_coalesced_mmio.from_buffer(buf, 8 + hdr.last * ctypes.sizeof(abi.kvm_coalesced_mmio)).len = len(data)
+        hdr.last = (hdr.last + 1) % CAPACITY
+    expected = _entries(buf, start, hdr.last)
+    ring = CoalescedRing(buf, 0, PAGE)
+    runs = ring.take_runs()
+    assert [(a, n, p, v) for a, n, p, vs in runs for v in vs] == expected
     assert all(runs[i][:3] != runs[i + 1][:3] for i in range(len(runs) - 1))
-    assert twin[1][2].empty() and twin[1][2].drained == len(one_by_one)
+    assert hdr.first == hdr.last and ring.drained == len(expected)

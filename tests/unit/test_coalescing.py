@@ -169,3 +169,24 @@ def test_a_device_error_in_a_replay_loses_no_later_write() -> None:
         cw.drain()
     assert dev.writes == [(0, 1, ord("a")), (0, 1, ord("!")), (1, 1, 0x05)]
 
+
+
+def test_a_replay_that_replays_again_delivers_each_write_once() -> None:
+    """Replaying a write may end the VM, and the stop replays the ring again on the same thread."""
+    _, vcpu, cw = _setup({KVM_CAP_COALESCED_MMIO: 2, KVM_CAP_COALESCED_PIO: 1})
+    assert cw is not None
+
+    class Stopper(Recorder):
+        def write(self, offset: int, size: int, value: int) -> None:
+            super().write(offset, size, value)
+            if value == ord("b"):
+                cw.drain()
+
+    dev = Stopper()
+    pio = Bus("pio")
+    pio.add(0x3F8, 8, dev, "com1")
+    cw.bind(pio, Bus("mmio"))
+    _push(vcpu, b"abcd")
+    cw.drain()
+    assert dev.writes == [(0, 1, ch) for ch in b"abcd"]
+    assert cw.counts() == {"pio 0x3f8 write": 4}
