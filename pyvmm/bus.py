@@ -95,13 +95,15 @@ class Bus:
         self._bases.insert(i, base)
         self._ranges.insert(i, _Range(base, size, device, name))
 
-    def find(self, addr: int) -> tuple[BusDevice, int] | None:
+    def _range_at(self, addr: int) -> _Range | None:
         i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0:
-            r = self._ranges[i]
-            if addr < r.base + r.size:
-                return r.device, addr - r.base
+        if i >= 0 and addr < self._ranges[i].base + self._ranges[i].size:
+            return self._ranges[i]
         return None
+
+    def find(self, addr: int) -> tuple[BusDevice, int] | None:
+        r = self._range_at(addr)
+        return None if r is None else (r.device, addr - r.base)
 
     def handlers(self) -> tuple[DispatchTable[Reader], DispatchTable[Writer]]:
         """The dispatch tables: address -> the device's ``read``/``write`` with the offset bound in (or the
@@ -110,29 +112,19 @@ class Bus:
         :meth:`read`/:meth:`write` serve both."""
         return DispatchTable(self._reader), DispatchTable(self._writer)
 
-    def _small_range(self, addr: int) -> tuple[BusDevice, int] | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0:
-            r = self._ranges[i]
-            if addr < r.base + r.size and r.size <= self.TABLE_MAX_RANGE:
-                return r.device, addr - r.base
-        return None
-
     def _reader(self, addr: int) -> Reader | None:
-        hit = self._small_range(addr)
-        if hit is None:
+        r = self._range_at(addr)
+        if r is None or r.size > self.TABLE_MAX_RANGE:
             return None
-        device, offset = hit
-        fast = getattr(device, "register_reader", None)
-        reader: Reader | None = fast(offset) if fast is not None else None
-        return reader if reader is not None else functools.partial(device.read, offset)
+        fast = getattr(r.device, "register_reader", None)
+        reader: Reader | None = fast(addr - r.base) if fast is not None else None
+        return reader if reader is not None else functools.partial(r.device.read, addr - r.base)
 
     def _writer(self, addr: int) -> Writer | None:
-        hit = self._small_range(addr)
-        if hit is None:
+        r = self._range_at(addr)
+        if r is None or r.size > self.TABLE_MAX_RANGE:
             return None
-        device, offset = hit
-        return functools.partial(device.write, offset)
+        return functools.partial(r.device.write, addr - r.base)
 
     def read(self, addr: int, size: int) -> int:
         hit = self.find(addr)
