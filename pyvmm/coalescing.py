@@ -23,8 +23,9 @@ A replay hands the device each run of writes to one register in one call where i
 
 The ring is shared by every vCPU and drained from several threads: a lock serialises the replays.  It is
 re-entrant: a device a replay reaches may end the VM, which replays the ring again on the same thread.
-Without the capability nothing is registered and every write exits as before; ``PYVMM_NO_COALESCED_PIO=1`` turns it off for measurements (the builder
-reads it through ``VmConfig.debug``).
+Without the capability nothing is registered and every write exits as before;
+``PYVMM_NO_COALESCED_PIO=1`` turns it off for measurements (the builder reads it through
+``VmConfig.debug``).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class Serial16550:
         if offset == UART_MCR:
             return self.mcr
         if offset == UART_LSR:
-            return _LSR_IDLE | UART_LSR_DR if self._rx else _LSR_IDLE
+            return self._read_lsr(1)
         if offset == UART_MSR:
             if self.mcr & UART_MCR_LOOP:
                 # loopback: modem outputs appear on the modem inputs (the 8250 driver's probe checks this)
