@@ -15,7 +15,6 @@ import select
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -35,6 +34,7 @@ from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.memory import GuestMemory
+from pyvmm.record import field, record
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import Vmm
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 PANIC_GRACE_S = 1.0
 
 
-@dataclass
+@record(frozen=False)
 class BuildReport:
     """What the builder decided, for the user and for tests."""
 

@@ -1,4 +1,4 @@
-"""The VM's configuration as frozen dataclasses, and parsers for the strings users type.
+"""The VM's configuration as frozen records (pyvmm.record), and parsers for the strings users type.
 
 Every parser raises :class:`~pyvmm.errors.ConfigError` with a message that names the offending value;
 the CLI prints it as one line.
@@ -10,11 +10,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import ConfigError
 from pyvmm.guestexec import check_exec
+from pyvmm.record import field, record
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -145,7 +145,7 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ConfigError(f"bad value {value!r} for {key}: expected on or off")
 
 
-@dataclass(frozen=True)
+@record
 class DiskConfig:
     """One ``--disk``: a raw image file exposed as a virtio-blk device."""
 
@@ -218,7 +218,7 @@ class DiskConfig:
         )
 
 
-@dataclass(frozen=True)
+@record
 class DebugKnobs:
     """Switches for measurements and debugging, read from the environment in this one place
     (docs/config.md "Debug knobs"); not options, because a normal run never wants them."""
@@ -243,7 +243,7 @@ class DebugKnobs:
                    guest_profile_out=env.get("PYVMM_GUEST_PROFILE_OUT") or cls.guest_profile_out)
 
 
-@dataclass(frozen=True)
+@record
 class VmConfig:
     """Everything needed to build and run one VM."""
 

@@ -17,10 +17,8 @@ came: a flag, a config file key, or the Python API; so ``pyvmm run``, ``pyvmm co
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,6 +41,7 @@ from pyvmm.config import (
 )
 from pyvmm.errors import ConfigError
 from pyvmm.guestexec import check_exec
+from pyvmm.record import fields, record, replace
 from pyvmm.trace import parse_selectors
 
 
@@ -70,7 +69,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class RunSettings:
     """Every ``pyvmm run`` option, merged from the defaults, a config file and the command line."""
 
@@ -311,7 +310,7 @@ def _disk(value: object, base: Path, where: str) -> DiskConfig:
                 _need(isinstance(v, str), f"{where}.{k}", "a string", v)
                 texts[k] = str(v)
         disk = DiskConfig.from_values(texts, where=where)
-    return dataclasses.replace(disk, path=base / disk.path)
+    return replace(disk, path=base / disk.path)
 
 
 def normalise_trace(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -346,7 +345,7 @@ def from_cli(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-FIELD_NAMES = frozenset(f.name for f in fields(RunSettings))
+FIELD_NAMES = frozenset(fields(RunSettings))
 
 
 def resolve(config_file: Path | None, cli_values: Mapping[str, Any]) -> RunSettings:

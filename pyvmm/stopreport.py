@@ -25,7 +25,8 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+
+from pyvmm.record import record
 
 REPORT_WINDOW_S = 1.0  # "the last second" of the report
 MARK_INTERVAL_S = 0.5  # how often the event loop copies the exit counters
@@ -33,7 +34,7 @@ STUCK, SLOW = "stuck", "slow"
 _NEW, _RUNNING, _LEFT = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@record
 class VcpuReport:
     """One vCPU at the stop (see the module docstring)."""
 

@@ -27,7 +27,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pyvmm.bus import Bus, DispatchTable, Reader, Writer
@@ -39,6 +38,7 @@ from pyvmm.kvm import abi
 from pyvmm.kvm import exits as kx
 from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.record import field, record
 from pyvmm.status import ExitStatus, guest_exit_code
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
 
@@ -59,7 +59,7 @@ _AFTER_A_PANIC = frozenset({ExitStatus.OK, ExitStatus.TIMEOUT, ExitStatus.STOPPE
 CONSOLE_FLUSH_S = 0.02
 
 
-@dataclass
+@record(frozen=False)
 class VmResult:
     status: ExitStatus
     reason: str

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import os
 import pty
 import re
@@ -28,6 +27,7 @@ from pyvmm.config import DiskConfig, parse_memory
 from pyvmm.configfile import RunSettings, load_file, normalise_trace
 from pyvmm.errors import ConfigError, VmmError
 from pyvmm.guestexec import check_exec, command_output
+from pyvmm.record import replace
 from pyvmm.status import ExitStatus, guest_status_of
 from pyvmm.stopreport import VcpuReport, parse_report
 
@@ -253,7 +253,7 @@ class VM:
             raise VmmError(f"{self.name}: exec() boots the VM to run the command; call it on a VM that is not "
                            "started (for a shell on a running guest use run())")
         check_exec(cmd)
-        self.settings = dataclasses.replace(self.settings, exec=cmd)
+        self.settings = replace(self.settings, exec=cmd)
         self.start()
         try:
             status = self.wait(timeout)

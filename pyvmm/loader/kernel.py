@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pyvmm.record import record
 
 
-@dataclass(frozen=True)
+@record
 class LoadedKernel:
     """A kernel image in guest RAM, and what the boot code needs to know about it.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from pyvmm.errors import LoaderError
 from pyvmm.loader import LoadedKernel
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.memory import GuestMemory
+from pyvmm.record import replace
 
 # boot.rst "The Real-Mode Kernel Header" / bootparam.h comments: offsets inside boot_params
 HDR_OFFSETS = {

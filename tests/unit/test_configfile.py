@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import math
 import subprocess
@@ -24,6 +23,7 @@ from pyvmm import cli
 from pyvmm.config import DiskConfig
 from pyvmm.configfile import FIELD_NAMES, FILE_KEYS, RunSettings, format_size, load_file, resolve
 from pyvmm.errors import ConfigError
+from pyvmm.record import replace
 
 FULL = """\
 kernel = "k/vmlinux"
@@ -274,8 +274,8 @@ def _absolute(s: RunSettings) -> RunSettings:
     def ab(p: Path | None) -> Path | None:
         return None if p is None else p.absolute()
     console = "file:" + str(Path(s.console[5:]).absolute()) if s.console.startswith("file:") else s.console
-    disks = tuple(dataclasses.replace(d, path=d.path.absolute()) for d in s.disks)
-    return dataclasses.replace(s, kernel=ab(s.kernel), initrd=ab(s.initrd), trace_file=ab(s.trace_file),
+    disks = tuple(replace(d, path=d.path.absolute()) for d in s.disks)
+    return replace(s, kernel=ab(s.kernel), initrd=ab(s.initrd), trace_file=ab(s.trace_file),
                                console=console, disks=disks)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 
 from pyvmm.arch.aarch64 import layout
 from pyvmm.errors import LoaderError
@@ -38,6 +37,7 @@ from pyvmm.loader.decompress import MAGICS, decompress
 from pyvmm.loader.formats import is_bzimage
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory, MemoryRegion
+from pyvmm.record import record
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -70,7 +70,7 @@ _ELF_MACHINE = struct.Struct("<H")  # e_machine at offset 18 of an ELF header (l
 _ELF_MACHINES = {3: "i386", 62: "x86_64", 183: "AArch64", 40: "32-bit ARM", 243: "RISC-V"}
 
 
-@dataclass(frozen=True)
+@record
 class ImageHeader:
     """The fields of an arm64 Image header that a loader acts on (booting.rst section 4)."""
 

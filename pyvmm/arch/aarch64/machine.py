@@ -12,7 +12,6 @@ statuses exactly as on x86.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from pyvmm.arch.aarch64 import layout
 from pyvmm.errors import KvmError
@@ -21,6 +20,7 @@ from pyvmm.kvm import abi_aarch64 as arm
 from pyvmm.kvm.device import DeviceFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
+from pyvmm.record import record
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import ArchExitHandler
 
@@ -40,7 +40,7 @@ def check_caps(vm: VmFd) -> None:
     vm.require(REQUIRED_CAPS)
 
 
-@dataclass
+@record(frozen=False)
 class Vgic:
     """The in-kernel interrupt controller: its KVM device and GIC version."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass, replace
 
 from pyvmm.arch.x86_64.bootparams import (
     LOADED_HIGH,
@@ -29,6 +28,7 @@ from pyvmm.loader.elf import load_elf
 from pyvmm.loader.formats import is_bzimage
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
+from pyvmm.record import record, replace
 
 PROTOCOL_MIN_GUEST = 0x020C  # xloadflags / XLF_KERNEL_64
 PROTOCOL_MIN_ELF = 0x0208  # payload_offset / payload_length
@@ -44,7 +44,7 @@ def _v(protocol: int) -> str:
     return f"{protocol >> 8}.{protocol & 0xFF:02d}"
 
 
-@dataclass(frozen=True)
+@record
 class BzImageHeader:
     """The setup-header fields a loader reads, with boot.rst's defaults for older protocols."""
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pyvmm.arch.x86_64 import layout, mptable
 from pyvmm.arch.x86_64.acpi import aml
 from pyvmm.devices import pvpanic
 from pyvmm.memory import GuestMemory
+from pyvmm.record import field, record
 
 OEM_ID = b"PYVMM "  # 6 bytes
 OEM_TABLE_ID = b"PYVMM   "  # 8 bytes
@@ -228,7 +228,7 @@ def _align(n: int) -> int:
     return (n + TABLE_ALIGN - 1) & ~(TABLE_ALIGN - 1)
 
 
-@dataclass
+@record(frozen=False)
 class AcpiTables:
     """The tables as placed in guest memory: ``blob`` goes at ``base``; ``tables`` maps each signature
     ("RSDP", "XSDT", "FACP", "APIC", "DSDT") to its guest address and bytes."""
