@@ -42,6 +42,15 @@ class Cmdline:
         """Whether a kernel parameter ``key`` (or ``key=...``) is present (init arguments excluded)."""
         return any(_key(w) == key for w in self._words)
 
+    def value(self, key: str) -> str | None:
+        """The value of the last ``key=value`` word (the one the kernel acts on), without quotes; None when
+        ``key`` is absent or has no value."""
+        for word in reversed(self._words):
+            k, sep, v = word.partition("=")
+            if k == key:
+                return v.strip('"') if sep else None
+        return None
+
     def add(self, key: str, value: str | int | None = None, *, if_absent: bool = False) -> Cmdline:
         """Append ``key`` or ``key=value``; with ``if_absent``, only when ``key`` is not there yet."""
         if not key or "=" in key or any(c.isspace() for c in key) or '"' in key:

@@ -6,6 +6,11 @@ already physical: arch/x86/kernel/vmlinux.lds.S says ``ENTRY(phys_startup_64)``,
 ``phys_startup_64 = ABSOLUTE(startup_64 - LOAD_OFFSET)``.  The PVH entry point, when the kernel has
 one, is the ELF note ``Xen``/``XEN_ELFNOTE_PHYS32_ENTRY`` (include/xen/interface/elfnote.h).
 
+The kernel's built-in parameters (``builtin_params``) are the names in its ``__param`` section: one
+``struct kernel_param`` per ``module_param()`` of the kernel and of every driver built into it
+(include/linux/moduleparam.h), whose first member points at the name, e.g. ``virtio_mmio.device``.
+The builder reads them to know what a kernel takes on its command line.
+
 The headers are read with ``struct`` (layouts: System V gABI, "ELF Header", "Program Header", "Section
 Header"; include/uapi/linux/elf.h ``Elf64_Ehdr``/``Elf64_Phdr``/``Elf64_Shdr``): loading needs a few
 fields of them, and a full ELF library costs more start-up time than the whole VM build.
@@ -55,9 +60,17 @@ class _Corrupt(Exception):
 class _Segment(NamedTuple):
     ptype: int
     offset: int
+    vaddr: int
     paddr: int
     filesz: int
     memsz: int
+
+
+# include/linux/moduleparam.h, struct kernel_param on a 64-bit kernel: const char *name; struct module *mod;
+# const struct kernel_param_ops *ops; u16 perm; s8 level; u8 flags; (4 bytes of padding) union { void *arg;
+# ... }: 40 bytes, aligned to the pointer size in the section "__param".
+KERNEL_PARAM_SIZE = 40
+PARAM_NAME_MAX = 256  # longer than any parameter name; a name without its NUL in that range is not one
 
 
 _NOTE_HDR = struct.Struct("<III")  # namesz, descsz, type (Elf64_Nhdr)
@@ -123,11 +136,11 @@ def _load(mem: GuestMemory, image: bytes | mmap.mmap, name: str) -> LoadedKernel
     if ident[4] != ELFCLASS64:
         raise LoaderError(f"{name}: is a 32-bit ELF; an x86_64 kernel is ELFCLASS64")
     (e_type, _machine, _version, entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
-     _shstrndx) = _EHDR.unpack_from(_slice(image, _EI_NIDENT, _EHDR.size, "ELF header"))
+     shstrndx) = _EHDR.unpack_from(_slice(image, _EI_NIDENT, _EHDR.size, "ELF header"))
     if e_type != ET_EXEC:
         raise LoaderError(f"{name}: is not an executable ELF (e_type {e_type})")
 
-    segments = [_Segment(p[0], p[2], p[4], p[5], p[6])
+    segments = [_Segment(p[0], p[2], p[3], p[4], p[5], p[6])
                 for p in _table(image, phoff, phnum, phentsize, _PHDR, "program header table")]
     loads, pvh_entry = [], None
     for seg in segments:
@@ -153,8 +166,9 @@ def _load(mem: GuestMemory, image: bytes | mmap.mmap, name: str) -> LoadedKernel
             raise LoaderError(f"{name}: truncated ELF file (segment at {seg.paddr:#x})")
         mem.write(seg.paddr, memoryview(image)[seg.offset : seg.offset + seg.filesz])
         mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-    if pvh_entry is None and shnum:
-        for sh in _table(image, shoff, shnum, shentsize, _SHDR, "section header table"):
+    sections = _table(image, shoff, shnum, shentsize, _SHDR, "section header table") if shnum else []
+    if pvh_entry is None:
+        for sh in sections:
             if sh[1] == SHT_NOTE:
                 pvh_entry = parse_pvh_note(_slice(image, sh[4], sh[5], "note section"))
                 if pvh_entry is not None:
@@ -172,7 +186,42 @@ def _load(mem: GuestMemory, image: bytes | mmap.mmap, name: str) -> LoadedKernel
         initrd_addr_max=ELF_INITRD_ADDR_MAX,
         cmdline_size=X86_CMDLINE_SIZE,
         pvh_entry=pvh_entry,
+        builtin_params=_builtin_params(image, sections, shstrndx, loads),
     )
+
+
+def _builtin_params(image: bytes | mmap.mmap, sections: list[tuple[int, ...]], shstrndx: int,
+                    loads: list[_Segment]) -> frozenset[str] | None:
+    """The names in the ``__param`` section (module docstring); None when the file has no such section or
+    its entries do not point at names in the loaded segments (not a Linux kernel, or a corrupt one)."""
+    if not 0 < shstrndx < len(sections):
+        return None
+    names = sections[shstrndx]
+    param = next((sh for sh in sections
+                  if _c_string(image, names[4] + sh[0], min(names[5] - sh[0], PARAM_NAME_MAX)) == b"__param"),
+                 None)
+    if param is None or param[5] % KERNEL_PARAM_SIZE:
+        return None
+    table = _slice(image, param[4], param[5], "__param section")
+    found = set()
+    for at in range(0, len(table), KERNEL_PARAM_SIZE):
+        pointer = int.from_bytes(table[at : at + 8], "little")
+        seg = next((s for s in loads if s.vaddr <= pointer < s.vaddr + s.filesz), None)
+        name = None if seg is None else _c_string(image, seg.offset + pointer - seg.vaddr,
+                                                   min(seg.vaddr + seg.filesz - pointer, PARAM_NAME_MAX))
+        if not name:
+            return None
+        found.add(name.decode("ascii", "replace"))
+    return frozenset(found)
+
+
+def _c_string(image: bytes | mmap.mmap, offset: int, limit: int) -> bytes | None:
+    """The NUL-terminated string at ``offset``, if it ends within ``limit`` bytes and the file."""
+    if offset < 0 or limit <= 0:
+        return None
+    raw = image[offset : offset + limit]
+    end = raw.find(b"\0")
+    return raw[:end] if end >= 0 else None
 
 
 def _mib(n: int) -> int:

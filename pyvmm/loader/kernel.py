@@ -25,3 +25,6 @@ class LoadedKernel:
     cmdline_size: int  # longest command line, without the terminating NUL
     pvh_entry: int | None = None  # XEN_ELFNOTE_PHYS32_ENTRY (32-bit PVH entry), ELF only
     xloadflags: int = 0
+    # The names of the kernel's built-in parameters (its ELF's __param section: ``virtio_mmio.device`` where
+    # the kernel takes virtio-mmio devices from its command line); None where the image does not say.
+    builtin_params: frozenset[str] | None = None

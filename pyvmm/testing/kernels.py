@@ -39,6 +39,9 @@ LZ4_LEGACY_MAGIC = 0x184C2102
 _EHDR64 = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR64 = struct.Struct("<IIQQQQQQ")
 _EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")
+_SHDR64 = struct.Struct("<IIQQQQIIQQ")
+SHT_PROGBITS, SHT_STRTAB = 1, 3
+KERNEL_PARAM_SIZE = 40  # include/linux/moduleparam.h struct kernel_param, 64-bit
 
 
 def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
@@ -56,8 +59,17 @@ def make_elf(
     pvh_entry: int | None = None,
     pvh_desc_size: int = 8,
     e_type: int = ET_EXEC,
+    params: Sequence[str] | None = None,
 ) -> bytes:
-    """An ELF64 executable; ``segments`` are ``(paddr, file data, memsz)``, vaddr = paddr + 2 GiB."""
+    """An ELF64 executable; ``segments`` are ``(paddr, file data, memsz)``, vaddr = paddr + 2 GiB.
+
+    ``params``: a ``__param`` section (and the section header table that names it) whose entries point at
+    these names, in one more segment after the others, as a kernel's built-in parameters."""
+    if params is not None:
+        names = b"".join(n.encode() + b"\0" for n in params)
+        at = max(paddr + memsz for paddr, _, memsz in segments) if segments else 0x1000000
+        at += -at % 0x1000
+        segments = [*segments, (at, names, len(names))]
     notes = b""
     if pvh_entry is not None:
         notes = _note(b"Xen", 18, pvh_entry.to_bytes(pvh_desc_size, "little"))
@@ -74,9 +86,28 @@ def make_elf(
     if notes:
         phdrs.append(_PHDR64.pack(PT_NOTE, 4, off, 0, 0, len(notes), len(notes), 4))
         body += notes
+        off += len(notes)
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    shoff = shnum = shstrndx = 0
+    if params is not None:
+        # Section headers: [0] null, [1] __param, [2] .shstrtab; the tables follow the segments.
+        vaddr = segments[-1][0] + (2 << 30)
+        table, offset = bytearray(), 0
+        for name in params:
+            table += struct.pack("<Q", vaddr + offset) + bytes(KERNEL_PARAM_SIZE - 8)
+            offset += len(name) + 1
+        shstrtab = b"\0__param\0.shstrtab\0"
+        param_off = off
+        shstr_off = param_off + len(table)
+        shoff = shstr_off + len(shstrtab) + (-(shstr_off + len(shstrtab)) % 8)
+        body += bytes(table) + shstrtab + bytes(shoff - shstr_off - len(shstrtab))
+        body += bytes(_SHDR64.size)
+        body += _SHDR64.pack(1, SHT_PROGBITS, 2, 0, param_off, len(table), 0, 0, 8, 0)
+        body += _SHDR64.pack(9, SHT_STRTAB, 0, 0, shstr_off, len(shstrtab), 0, 0, 1, 0)
+        shnum, shstrndx = 3, 2
     ehdr = _EHDR64.pack(
-        ident, e_type, machine, 1, entry, _EHDR64.size, 0, 0, _EHDR64.size, _PHDR64.size, nph, 64, 0, 0
+        ident, e_type, machine, 1, entry, _EHDR64.size, shoff, 0, _EHDR64.size, _PHDR64.size, nph,
+        _SHDR64.size, shnum, shstrndx
     )
     return ehdr + b"".join(phdrs) + bytes(body)
 

@@ -225,6 +225,13 @@ def test_cmdline_builder() -> None:
     assert str(Cmdline(4095).add("dyndbg", "file a.c +p")) == 'dyndbg="file a.c +p"'
 
 
+def test_cmdline_value_is_the_last_one_the_kernel_acts_on() -> None:
+    c = Cmdline(4095).extend("acpi=on quiet acpi=off -- acpi=force")
+    assert c.value("acpi") == "off"  # the last word wins; init's arguments are not the kernel's
+    assert c.value("quiet") is None and c.value("root") is None
+    assert Cmdline(4095).add("dyndbg", "file a.c +p").value("dyndbg") == "file a.c +p"
+
+
 def test_cmdline_validation() -> None:
     with pytest.raises(LoaderError, match="NUL or newline"):
         Cmdline(4095).extend("a\nb")

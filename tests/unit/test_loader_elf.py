@@ -54,6 +54,25 @@ def test_no_pvh_note(mem: GuestMemory, tmp_path: Path) -> None:
     assert load_kernel(mem, _write(tmp_path, make_elf(SEGMENTS, ENTRY))).pvh_entry is None
 
 
+@pytest.mark.parametrize("pvh", [None, 0x1000100])
+def test_builtin_params_from_the_param_section(mem: GuestMemory, tmp_path: Path, pvh: int | None) -> None:
+    names = ["panic", "virtio_mmio.device", "virtio_blk.queue_depth"]
+    k = load_kernel(mem, _write(tmp_path, make_elf(SEGMENTS, ENTRY, pvh_entry=pvh, params=names)))
+    assert k.builtin_params == frozenset(names)
+    assert load_kernel(mem, _write(tmp_path, make_elf(SEGMENTS, ENTRY, params=[]))).builtin_params == frozenset()
+
+
+def test_builtin_params_unknown_without_a_param_section(mem: GuestMemory, tmp_path: Path) -> None:
+    assert load_kernel(mem, _write(tmp_path, make_elf(SEGMENTS, ENTRY))).builtin_params is None
+
+
+def test_builtin_params_unknown_when_a_name_pointer_leads_nowhere(mem: GuestMemory, tmp_path: Path) -> None:
+    image = bytearray(make_elf(SEGMENTS, ENTRY, params=["virtio_mmio.device"]))
+    at = image.index(b"__param\0") - 40  # the one entry sits right before the section name table
+    image[at : at + 8] = (0xFFFF_FFFF_DEAD_0000).to_bytes(8, "little")
+    assert load_kernel(mem, _write(tmp_path, bytes(image))).builtin_params is None
+
+
 def test_parse_pvh_note_skips_other_notes() -> None:
     assert parse_pvh_note(b"") is None
     assert parse_pvh_note(b"\x04\0\0\0\x04\0\0\0\x12\0\0\0Lin\0\x01\0\0\0") is None  # type 18, not Xen
