@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 PANIC_GRACE_S = 1.0
 
 
+# drivers/virtio/virtio_mmio.c: the module parameter (<size>@<base>:<irq>[:<id>]) by which a kernel built
+# with VIRTIO_MMIO_CMDLINE_DEVICES takes virtio-mmio devices from its command line.
+CMDLINE_DEVICES_PARAM = "virtio_mmio.device"
+
+
 @record(frozen=False)
 class BuildReport:
     """What the builder decided, for the user and for tests."""
@@ -191,13 +196,14 @@ def make_guest_reports(config: VmConfig, link: VmLink) -> tuple[PvPanic, GuestEx
                 log.warning("the guest reported a panic through pvpanic (%s); --no-panic-exit: it keeps running "
                             "(%d reports so far)", describe(events), reported.count)
             return
-        link.note_panic(f"reported by pvpanic ({describe(events)})")
+        report = f"reported by pvpanic ({describe(events)})"
+        link.note_panic(report)
         if events & PVPANIC_PANICKED:
             # A crash kernel that was loaded (CRASH_LOADED alone) is left to do its work.
             def stop_after_grace() -> None:
                 line = link.panic_line()
-                link.stop(ExitStatus.GUEST_PANIC, f"guest kernel panic: {line or 'no panic line on the console'} "
-                                                  "(reported by pvpanic)")
+                link.stop(ExitStatus.GUEST_PANIC,
+                          f"guest kernel panic: {line or 'no panic line on the console'} ({report})")
 
             after_panic_grace(stop_after_grace)
 
@@ -267,7 +273,7 @@ def attach_disks(config: VmConfig, vm: VmFd, mem: GuestMemory, mmio: Bus, loop: 
                 stack.callback(worker.close)
                 worker.start()
         if cmdline is not None:
-            cmdline.add("virtio_mmio.device", f"{window >> 10}K@{base:#x}:{irq}")
+            cmdline.add(CMDLINE_DEVICES_PARAM, f"{window >> 10}K@{base:#x}:{irq}")
         mode = (" (read-only)" if disk_cfg.readonly
                 else " (snapshot: writes go to a temporary overlay, discarded at exit)" if disk_cfg.snapshot else "")
         legacy = " (legacy virtio-mmio version 1)" if transport.legacy else ""

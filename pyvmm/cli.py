@@ -75,7 +75,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "emulating host KVM (default)")
     p.add_argument("--devices-via", choices=DEVICES_VIA,
                    help="how the guest finds the virtio-mmio disks: cmdline (virtio_mmio.device=), acpi (DSDT "
-                        "LNRO0005 devices, for distro kernels), or both (default; docs/acpi.md)")
+                        "LNRO0005 devices, for distro kernels), or both (default: the DSDT alone for a kernel "
+                        "with ACPI; docs/acpi.md)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the VM after this long (exit status 5)")
     p.add_argument("--panic-exit", action=argparse.BooleanOptionalAction,
                    help="stop with status 3 when the guest kernel panics (default); --no-panic-exit keeps "

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 # atkbd driver probes for a keyboard with PS/2 commands that each wait for an answer until they time
 # out; the probe runs in the background, but mounting the root and rebooting wait for every probe to
 # finish (wait_for_device_probe), which cost 0.8-0.9 s per boot in the KVM lab.
+# A parameter every x86 kernel with ACPI has built in (drivers/acpi/sysfs.c, always part of CONFIG_ACPI):
+# how the builder tells a kernel with ACPI from its __param section.
+ACPI_PARAM = "acpi.acpica_version"
+
 DEFAULT_ARGS: tuple[tuple[str, str | None], ...] = (
     ("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"), ("i8042.nokbd", None))
 
@@ -66,6 +70,7 @@ class X86Machine:
         report.host = self.host.reason
         self.boot_timer: BootTimer | None = None
         self._initrd: tuple[int, int] | None = None  # (address, size)
+        self._devices_via = config.devices_via  # as it applies to the kernel: set by cmdline()
 
     # -- memory and the VM ----------------------------------------------------------------------------
     def ram_layout(self) -> list[tuple[int, int]]:
@@ -94,7 +99,28 @@ class X86Machine:
         for arg in self.host.workaround_args:
             key, _, value = arg.partition("=")
             cmdline.add(key, value or None, if_absent=True)
+        self._devices_via = self._devices_via_for(kernel, cmdline)
         return cmdline
+
+    def _devices_via_for(self, kernel: LoadedKernel, cmdline: Cmdline) -> str:
+        """``--devices-via`` as it applies to this kernel.  A kernel running with ACPI cannot use the command
+        line's devices: with the hardware-reduced FADT it has no legacy PIC, so Linux IRQ numbers are
+        allocated as ACPI registers each GSI and a number on the command line names no interrupt (the
+        driver's probe fails with -22); and where it also takes them from the command line, it would find
+        each twice.  So ``both`` means the DSDT alone for a kernel with ACPI, unless ``acpi=off``."""
+        mode = self.config.devices_via
+        params = kernel.builtin_params
+        if not self.config.disks or params is None or ACPI_PARAM not in params or cmdline.value("acpi") == "off":
+            return mode
+        if mode == "both":
+            self.report.notes.append("virtio disks announced in the ACPI DSDT only: the kernel has ACPI "
+                                     "(docs/acpi.md, --devices-via)")
+            return "acpi"
+        if mode == "cmdline":
+            self.report.notes.append("warning: --devices-via cmdline with a kernel that has ACPI: its virtio "
+                                     "disks will fail to probe (error -22); add acpi=off to the command line, "
+                                     "or use --devices-via both (docs/acpi.md)")
+        return mode
 
     # -- devices --------------------------------------------------------------------------------------
     def add_devices(self, vm: VmFd, stack: contextlib.ExitStack, pio: Bus, mmio: Bus, link: VmLink,
@@ -119,17 +145,17 @@ class X86Machine:
 
     def disk_cmdline(self, cmdline: Cmdline) -> Cmdline | None:
         """Where virtio_mmio.device= arguments go: the command line, unless ACPI alone announces them."""
-        return cmdline if self.config.devices_via != "acpi" else None
+        return cmdline if self._devices_via != "acpi" else None
 
     # -- boot -----------------------------------------------------------------------------------------
     def configure_boot(self, mem: GuestMemory, ram: list[tuple[int, int]], kernel: LoadedKernel,
                        cmdline: str) -> None:
         """Firmware tables in the BIOS area: the MP table for kernels without ACPI, and the ACPI tables,
         always (a kernel without CONFIG_ACPI ignores them; one with ACPI takes its CPUs and IRQs from the
-        MADT).  The DSDT lists the virtio-mmio devices unless they are announced on the command line only.
-        Then the zero page and the boot page tables."""
+        MADT).  The DSDT lists the virtio-mmio devices unless they are announced on the command line only
+        (``_devices_via_for``).  Then the zero page and the boot page tables."""
         config = self.config
-        virtio = [] if config.devices_via == "cmdline" else [
+        virtio = [] if self._devices_via == "cmdline" else [
             acpi_tables.VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq)
             for base, irq in map(layout.virtio_mmio_slot, range(len(config.disks)))]
         acpi = acpi_tables.write(mem, config.cpus, virtio, pvpanic_port=layout.PVPANIC_PORT)
