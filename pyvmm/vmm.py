@@ -211,6 +211,8 @@ class Vmm:
                 # A kernel with panic=-1 or panic=N resets right after its panic report, and a hung one
                 # runs into the timeout: the panic is still how the guest ended.
                 status, reason = ExitStatus.GUEST_PANIC, f"guest kernel panic: {panic} (then: {reason})"
+            elif status == ExitStatus.GUEST_PANIC and self.panic_report and self.panic_report not in reason:
+                reason = f"{reason} (also {self.panic_report})"  # the console's line came first: say both
             self._result = VmResult(status, reason, guest_status=guest_status if status == ExitStatus.OK else None)
             self._stop = True
             self.progress.mark_stop(time.monotonic())

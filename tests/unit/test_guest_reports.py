@@ -39,6 +39,35 @@ def test_pvpanic_offers_both_events_and_reports_writes() -> None:
 
 
 # -- the guest exit device ----------------------------------------------------------------------------
+@pytest.mark.parametrize("console_first", [True, False])
+def test_a_panic_verdict_names_every_report_of_it(console_first: bool) -> None:
+    """Whichever stop comes first (the console's panic line or pvpanic's report, each after its grace), the
+    reason names both; a reset after the panic keeps the panic as the verdict."""
+    import contextlib
+
+    from pyvmm.bus import Bus
+    from pyvmm.console import ConsoleOutput
+    from pyvmm.eventloop import EventLoop
+    from pyvmm.vmm import ArchExitHandler, Vmm
+
+    loop = EventLoop()
+    console = ConsoleOutput(None, on_panic=lambda line: None)
+    vmm = Vmm([], Bus("pio"), Bus("mmio"), loop, console, ArchExitHandler(), contextlib.ExitStack())
+    try:
+        console(b"[    1.25] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+        vmm.note_panic("reported by pvpanic (panicked)")
+        if console_first:
+            vmm.request_stop(ExitStatus.GUEST_PANIC, "guest kernel panic: [    1.25] Kernel panic - not syncing: "
+                                                     "VFS: Unable to mount root fs")
+        else:
+            vmm.request_stop(ExitStatus.OK, "guest reset (i8042)")
+        result = vmm.result
+        assert result is not None and result.status == ExitStatus.GUEST_PANIC
+        assert "Kernel panic - not syncing" in result.reason and "reported by pvpanic (panicked)" in result.reason
+    finally:
+        loop.close()
+
+
 def test_guest_exit_registers() -> None:
     statuses: list[int] = []
     dev = GuestExit(statuses.append)
