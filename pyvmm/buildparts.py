@@ -9,7 +9,6 @@ architecture's addresses and interrupt numbers come in as arguments).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import sys
@@ -33,6 +32,7 @@ from pyvmm.kvm.system import Kvm
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 from pyvmm.record import field, record
 from pyvmm.status import ExitStatus
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from pyvmm.gdb.target import DebugTarget
     from pyvmm.trace import Tracer
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # After a panic line on the console (or a pvpanic event): how long the rest of the report may take to
 # arrive before the VM is stopped.

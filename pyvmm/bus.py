@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import bisect
 import functools
-import logging
 from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypeVar
 
 from pyvmm.devices.ratelimit import LogLimiter
+from pyvmm.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class BusDevice(Protocol):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 from pathlib import Path
 
-from pyvmm import __version__
+from pyvmm import __version__, log
 from pyvmm.config import DEVICES_VIA
 from pyvmm.configfile import FIELD_NAMES, RunSettings, format_size, resolve
 from pyvmm.errors import VmmError
@@ -198,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except VmmError as err:
         print_err(f"error: {err}")
         return int(ExitStatus.BAD_INPUT)
-    level = logging.WARNING if settings.verbose == 0 else logging.INFO if settings.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="pyvmm: %(message)s", stream=sys.stderr)
+    log.configure(log.WARNING if settings.verbose == 0 else log.INFO if settings.verbose == 1 else log.DEBUG)
     if args.command == "run":
         return _run(settings)
     if args.command == "config":

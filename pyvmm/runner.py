@@ -7,7 +7,6 @@ from outside (timeout, signal) also where each vCPU was (:mod:`pyvmm.stopreport`
 
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 import time
@@ -17,11 +16,12 @@ from pyvmm.builder import build_vm
 from pyvmm.config import CONSOLE_STDIO, VmConfig
 from pyvmm.console import ConsoleInput
 from pyvmm.errors import ConfigError
+from pyvmm.log import get_logger
 from pyvmm.status import ExitStatus
 from pyvmm.stopreport import report_lines
 from pyvmm.vmm import Vmm, VmResult, print_err
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 INPUT_RETRY_S = 0.02
 

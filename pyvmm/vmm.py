@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
@@ -38,6 +37,7 @@ from pyvmm.kvm import abi
 from pyvmm.kvm import exits as kx
 from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.log import get_logger
 from pyvmm.record import field, record
 from pyvmm.status import ExitStatus, guest_exit_code
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from pyvmm.exitstats import ExitCounter, ExitStats
     from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
 # Endings that a kernel panic seen earlier on the console overrides (a VMM error or an emulation failure

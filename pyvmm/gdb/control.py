@@ -23,7 +23,6 @@ into its timeout.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +33,10 @@ from pyvmm.eventloop import EventLoop
 from pyvmm.gdb.target import Z_HARDWARE, DebugTarget, HwPoint, StopWhy
 from pyvmm.interrupt import EventFd
 from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PAUSE_TIMEOUT_S = 10.0
 PAGE = 0x1000

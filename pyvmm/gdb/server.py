@@ -21,7 +21,6 @@ malformed ones ``E`` followed by an errno-like number, and nothing gdb sends can
 
 from __future__ import annotations
 
-import logging
 import re
 import socket
 from collections.abc import Callable
@@ -32,8 +31,9 @@ from pyvmm.gdb import rsp
 from pyvmm.gdb.control import Debugger, PauseTimeout, Unsupported
 from pyvmm.gdb.target import Z_HARDWARE, Z_SOFTWARE, DebugTarget, HwPoint, StopWhy
 from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Error replies: 'E' and two hex digits; gdb shows the number.  Linux errno values, as gdbserver uses.
 E_MALFORMED = b"E01"

@@ -261,7 +261,7 @@ def _main(argv: list[str]) -> tuple[int, str, list[str], list[RunSettings]]:
         return 0
 
     with (contextlib.redirect_stdout(out), mock.patch.object(cli, "print_err", errors.append),
-          mock.patch.object(cli, "_run", fake_run), mock.patch.object(cli.logging, "basicConfig")):
+          mock.patch.object(cli, "_run", fake_run), mock.patch.object(cli.log, "configure")):
         try:
             status = cli.main(argv)
         except SystemExit as exc:  # argparse's own refusals

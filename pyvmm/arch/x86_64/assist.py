@@ -22,7 +22,6 @@ instruction      where Linux 6.1 uses it    what the assist does
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from pyvmm.arch.x86_64.pagewalk import EFER_LMA, PagingMode, read_linear, write_
 from pyvmm.errors import GuestMemoryError
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.vcpu import VcpuFd
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RFLAGS_CF = 1 << 0
 RFLAGS_PF = 1 << 2

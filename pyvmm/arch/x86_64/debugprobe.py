@@ -20,7 +20,6 @@ stopping; the IDT is empty, so an exception delivered to the probe guest ends it
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from functools import cache
 
@@ -29,9 +28,10 @@ from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.system import Kvm
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RAM = 0x10000
 CODE = 0x1000

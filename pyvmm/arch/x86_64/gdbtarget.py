@@ -20,7 +20,6 @@ host delivers at all is measured before gdb is offered them (:mod:`pyvmm.arch.x8
 from __future__ import annotations
 
 import ctypes
-import logging
 import struct
 from collections.abc import Callable, Sequence
 
@@ -32,9 +31,10 @@ from pyvmm.kvm import abi
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BP_VECTOR = 3
 DB_VECTOR = 1

@@ -5,7 +5,6 @@ devices a PC guest expects, and the exit handler that runs the emulation assist.
 from __future__ import annotations
 
 import errno
-import logging
 from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64 import cpu, layout
@@ -14,6 +13,7 @@ from pyvmm.kvm import abi
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import ArchExitHandler
@@ -21,7 +21,7 @@ from pyvmm.vmm import ArchExitHandler
 if TYPE_CHECKING:
     from pyvmm.arch.x86_64.assist import EmulationAssist
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Where KVM's VMX code may put its three-page TSS and the identity-map page: just below the 4 GiB
 # boundary, inside the device hole and clear of the IOAPIC/LAPIC pages.

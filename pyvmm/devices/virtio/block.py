@@ -34,7 +34,6 @@ data), 20 for GET_ID into a 64-byte buffer.
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
 from collections.abc import Sequence
@@ -51,9 +50,10 @@ from pyvmm.devices.virtio.device import (
 from pyvmm.devices.virtio.disk import SECTOR_SIZE, Disk, RawDisk
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain
 from pyvmm.devices.virtio.snapshot import SnapshotDisk
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 VIRTIO_ID_BLOCK = 2  # §5 device IDs
 

@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import logging
 import mmap
 import os
 import stat
@@ -28,8 +27,9 @@ from typing import Protocol
 
 from pyvmm.config import DiskConfig
 from pyvmm.errors import DeviceError
+from pyvmm.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SECTOR_SIZE = 512
 _DIRECT_ALIGN = 512  # logical block size we align O_DIRECT to (a 4Kn device falls back on EINVAL)

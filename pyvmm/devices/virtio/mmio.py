@@ -30,7 +30,6 @@ device cannot parse puts the device into DEVICE_NEEDS_RESET with a configuration
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Iterator
 
@@ -48,9 +47,10 @@ from pyvmm.devices.virtio.packed import PackedVirtqueue
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.interrupt import IrqLine
+from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # §4.2.2 Table "MMIO Device Register Layout" (offsets into the device window; all 32-bit registers).
 REG_MAGIC_VALUE = 0x000  # R  0x74726976 ("virt")
