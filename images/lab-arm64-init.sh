@@ -27,6 +27,9 @@ fail() {
 mount -t proc proc /proc || fail "initramfs: cannot mount /proc"
 mount -t sysfs sysfs /sys || fail "initramfs: cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "initramfs: cannot mount devtmpfs on /dev"
+# The loopback interface, for what listens on 127.0.0.1 in the lab (pyvmm's gdb server in its tests): the
+# lab root has no ip command, this busybox does (pyvmm/lab/init.sh tries again there, as on x86).
+ip link set lo up || echo "PYVMM-LAB: warning: no loopback interface"
 
 while read -r ko; do
     name=${ko%.ko}

@@ -66,6 +66,7 @@ class kvm_regs(AbiStruct):
 KVM_REG_ARM64 = 0x6000_0000_0000_0000
 KVM_REG_SIZE_U32 = 0x0020_0000_0000_0000
 KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
+KVM_REG_SIZE_U128 = 0x0040_0000_0000_0000
 KVM_REG_ARM_COPROC_SHIFT = 16
 KVM_REG_ARM_CORE = 0x0010 << KVM_REG_ARM_COPROC_SHIFT
 
@@ -97,6 +98,69 @@ PSR_A_BIT = 0x100
 PSR_D_BIT = 0x200
 BOOT_PSTATE = PSR_MODE_EL1h | PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
 
+REG_SP_EL1 = core_reg_id(kvm_regs.sp_el1.offset)
+REG_ELR_EL1 = core_reg_id(kvm_regs.elr_el1.offset)
+KVM_SPSR_EL1 = 0  # index of SPSR_EL1 in kvm_regs.spsr (asm/kvm.h)
+REG_SPSR_EL1 = core_reg_id(kvm_regs.spsr.offset + 8 * KVM_SPSR_EL1)
+
+# System registers (asm/kvm.h ARM64_SYS_REG: op0, op1, CRn, CRm, op2 in the low 16 bits of the id)
+KVM_REG_ARM64_SYSREG = 0x0013 << KVM_REG_ARM_COPROC_SHIFT
+KVM_REG_ARM64_SYSREG_OP0_SHIFT = 14
+KVM_REG_ARM64_SYSREG_OP1_SHIFT = 11
+KVM_REG_ARM64_SYSREG_CRN_SHIFT = 7
+KVM_REG_ARM64_SYSREG_CRM_SHIFT = 3
+KVM_REG_ARM64_SYSREG_OP2_SHIFT = 0
+
+
+def sys_reg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """The KVM_GET_ONE_REG id of a 64-bit system register, by its encoding (Arm ARM, "System registers")."""
+    return (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | op0 << KVM_REG_ARM64_SYSREG_OP0_SHIFT
+            | op1 << KVM_REG_ARM64_SYSREG_OP1_SHIFT | crn << KVM_REG_ARM64_SYSREG_CRN_SHIFT
+            | crm << KVM_REG_ARM64_SYSREG_CRM_SHIFT | op2 << KVM_REG_ARM64_SYSREG_OP2_SHIFT)
+
+
+# The ones the gdb server reads (translation) and writes (an exception taken to EL1), by the Arm ARM's
+# encodings (also arch/arm64/include/asm/sysreg.h SYS_*_EL1).
+REG_SCTLR_EL1 = sys_reg_id(3, 0, 1, 0, 0)
+REG_TTBR0_EL1 = sys_reg_id(3, 0, 2, 0, 0)
+REG_TTBR1_EL1 = sys_reg_id(3, 0, 2, 0, 1)
+REG_TCR_EL1 = sys_reg_id(3, 0, 2, 0, 2)
+REG_ESR_EL1 = sys_reg_id(3, 0, 5, 2, 0)
+REG_FAR_EL1 = sys_reg_id(3, 0, 6, 0, 0)
+REG_VBAR_EL1 = sys_reg_id(3, 0, 12, 0, 0)
+KVM_REG_ARM_TIMER_CNT = sys_reg_id(3, 3, 14, 3, 2)  # the virtual counter (CNTVCT_EL0), as KVM names it
+
+# --- guest debugging (linux/kvm.h struct kvm_guest_debug, KVM_EXIT_DEBUG; asm/kvm.h for arm64) ---------
+KVM_ARM_MAX_DBG_REGS = 16
+KVM_GUESTDBG_USE_SW_BP = 1 << 16  # BRK instructions exit to the VMM
+KVM_GUESTDBG_USE_HW = 1 << 17  # the dbg_* registers below are the guest's breakpoints and watchpoints
+KVM_DEBUG_ARCH_HSR_HIGH_VALID = 1 << 0
+
+
+@checked(4 * 16 * 8)
+class kvm_guest_debug_arch(AbiStruct):
+    __slots__ = ()
+    _fields_ = [("dbg_bcr", u64 * KVM_ARM_MAX_DBG_REGS), ("dbg_bvr", u64 * KVM_ARM_MAX_DBG_REGS),
+                ("dbg_wcr", u64 * KVM_ARM_MAX_DBG_REGS), ("dbg_wvr", u64 * KVM_ARM_MAX_DBG_REGS)]
+
+
+@checked(8 + 512)
+class kvm_guest_debug(AbiStruct):
+    __slots__ = ()
+    _fields_ = [("control", u32), ("pad", u32), ("arch", kvm_guest_debug_arch)]
+
+
+@checked(16)
+class kvm_debug_exit_arch(AbiStruct):
+    """kvm_run.debug.arch: the exception syndrome (ESR_EL2) of the debug exception and, for a watchpoint,
+    the data address."""
+
+    __slots__ = ()
+    _fields_ = [("hsr", u32), ("hsr_high", u32), ("far", u64)]
+
+
+KVM_SET_GUEST_DEBUG = iow(KVMIO, 0x9B, kvm_guest_debug)
+
 # --- the vGIC (linux/kvm.h enum kvm_device_type; asm/kvm.h "Device Control API: ARM VGIC") ------------
 KVM_DEV_TYPE_ARM_VGIC_V2 = 5
 KVM_DEV_TYPE_ARM_VGIC_V3 = 7
@@ -121,6 +185,6 @@ KVM_ARM_IRQ_TYPE_SPI = 1
 VGIC_NR_PRIVATE_IRQS = 32  # SGIs + PPIs: SPI n is INTID 32 + n
 
 __all__ = [name for name in globals() if name.isupper() or name.startswith(("kvm_", "user_"))]
-__all__ += ["core_reg_id", "reg_x"]
+__all__ += ["core_reg_id", "reg_x", "sys_reg_id"]
 
 assert ctypes.sizeof(user_pt_regs) == 272 and kvm_regs.fp_regs.offset % 16 == 0

@@ -27,12 +27,29 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "kvm_regs": (arm.kvm_regs, "struct kvm_regs"),
     "user_pt_regs": (arm.user_pt_regs, "struct user_pt_regs"),
     "user_fpsimd_state": (arm.user_fpsimd_state, "struct user_fpsimd_state"),
+    "kvm_guest_debug_arch": (arm.kvm_guest_debug_arch, "struct kvm_guest_debug_arch"),
+    "kvm_guest_debug": (arm.kvm_guest_debug, "struct kvm_guest_debug"),
+    "kvm_debug_exit_arch": (arm.kvm_debug_exit_arch, "struct kvm_debug_exit_arch"),
 }
 C_NAMES = {"reserved": "__reserved"}
 PYTHON_ONLY = {("kvm_regs", "pad")}  # explicit padding that C leaves implicit
 CONSTANTS = _constants(arm)
 # Values written in Python that the headers spell as expressions or enums; still compared.
 ENUMS = {"KVM_DEV_TYPE_ARM_VGIC_V2", "KVM_DEV_TYPE_ARM_VGIC_V3"}
+# Register ids pyvmm computes, against the header's own macros.
+CORE = "KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG"
+REGISTER_IDS = {
+    "REG_SP_EL1": f"{CORE}(sp_el1)",
+    "REG_ELR_EL1": f"{CORE}(elr_el1)",
+    "REG_SPSR_EL1": f"{CORE}(spsr[KVM_SPSR_EL1])",
+    "REG_SCTLR_EL1": "ARM64_SYS_REG(3, 0, 1, 0, 0)",
+    "REG_TTBR0_EL1": "ARM64_SYS_REG(3, 0, 2, 0, 0)",
+    "REG_TTBR1_EL1": "ARM64_SYS_REG(3, 0, 2, 0, 1)",
+    "REG_TCR_EL1": "ARM64_SYS_REG(3, 0, 2, 0, 2)",
+    "REG_ESR_EL1": "ARM64_SYS_REG(3, 0, 5, 2, 0)",
+    "REG_FAR_EL1": "ARM64_SYS_REG(3, 0, 6, 0, 0)",
+    "REG_VBAR_EL1": "ARM64_SYS_REG(3, 0, 12, 0, 0)",
+}
 
 
 def _c_name(path: str) -> str:
@@ -56,6 +73,8 @@ def arm64_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
             probes[f"size {key}.{path}"] = f"sizeof((({ctype} *)0)->{_c_name(path)})"
     for name in CONSTANTS:
         probes[f"const {name}"] = name
+    for name, expr in REGISTER_IDS.items():
+        probes[f"reg {name}"] = expr
     names = list(probes)
     # asm/kvm.h spells the vGIC v3 sizes with SZ_64K, which only the kernel's own sizes.h defines
     lines = ["#include <stddef.h>", "#include <linux/kvm.h>", "#define SZ_64K 0x10000"]
@@ -100,3 +119,9 @@ def test_core_register_ids(arm64_values: dict[str, int]) -> None:
     assert arm.reg_x(30) == arm.reg_x(0) + 60
     with pytest.raises(ValueError):
         arm.reg_x(31)
+
+
+def test_register_ids_match_the_headers_macros(arm64_values: dict[str, int]) -> None:
+    wrong = {n: (hex(getattr(arm, n)), hex(arm64_values[f"reg {n}"])) for n in REGISTER_IDS
+             if arm64_values[f"reg {n}"] != getattr(arm, n)}
+    assert not wrong

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
 from pyvmm.arch.aarch64.image import load_image, load_initrd_aarch64
-from pyvmm.buildparts import BuildReport, VmLink, add_exec_arg, irqfd, make_guest_reports
+from pyvmm.buildparts import BuildReport, VmLink, add_exec_arg, attach_gdb, irqfd, make_guest_reports
 from pyvmm.bus import Bus
 from pyvmm.coalescing import CoalescedWrites
 from pyvmm.config import VmConfig
@@ -33,6 +33,7 @@ from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.vmm import ArchExitHandler, Vmm
 
 if TYPE_CHECKING:
+    from pyvmm.gdb.target import DebugTarget
     from pyvmm.kvm.system import Kvm
     from pyvmm.kvm.vcpu import VcpuFd
     from pyvmm.kvm.vm import VmFd
@@ -54,9 +55,6 @@ class Aarch64Machine:
             raise ConfigError(f"at most {layout.MAX_CPUS} vCPUs on aarch64")
         if config.devices_via == "cmdline":
             raise ConfigError("--devices-via cmdline is x86 only: on aarch64 the device tree announces the devices")
-        if config.gdb is not None:
-            raise ConfigError("--gdb is x86_64 only so far: the aarch64 register set and page-table walk are not "
-                              "written yet (docs/gdb.md)")
         self.config = config
         self.report = report
         self.fdt_addr = layout.fdt_addr(config.memory)
@@ -143,4 +141,11 @@ class Aarch64Machine:
         return machine.Aarch64ExitHandler()
 
     def attach_debugger(self, vmm: Vmm, mem: GuestMemory, vm: VmFd, stack: contextlib.ExitStack) -> None:
-        pass  # --gdb is refused above
+        attach_gdb(self.config, vmm, mem, lambda: _debug_target(mem, vm, vmm), stack, self.report)
+
+
+def _debug_target(mem: GuestMemory, vm: VmFd, vmm: Vmm) -> DebugTarget:
+    """The gdb server's aarch64 side (imported only for --gdb)."""
+    from pyvmm.arch.aarch64.gdbtarget import Aarch64DebugTarget
+
+    return Aarch64DebugTarget(mem, vm, vmm.vcpus[0])
