@@ -43,16 +43,16 @@ if TYPE_CHECKING:
     from pyvmm.kvm.vm import VmFd
     from pyvmm.memory import GuestMemory
 
+# A parameter every x86 kernel with ACPI has built in (drivers/acpi/sysfs.c, always part of CONFIG_ACPI):
+# how the builder tells a kernel with ACPI from its __param section.
+ACPI_PARAM = "acpi.acpica_version"
+
 # Arguments every boot gets unless the user already gave the key: the serial console is ttyS0,
 # reboot through the keyboard controller (the VMM sees it), no PCI bus to probe, and no keyboard behind
 # that controller (pyvmm has none: its i8042 is there for the reset line).  Without i8042.nokbd Linux's
 # atkbd driver probes for a keyboard with PS/2 commands that each wait for an answer until they time
 # out; the probe runs in the background, but mounting the root and rebooting wait for every probe to
 # finish (wait_for_device_probe), which cost 0.8-0.9 s per boot in the KVM lab.
-# A parameter every x86 kernel with ACPI has built in (drivers/acpi/sysfs.c, always part of CONFIG_ACPI):
-# how the builder tells a kernel with ACPI from its __param section.
-ACPI_PARAM = "acpi.acpica_version"
-
 DEFAULT_ARGS: tuple[tuple[str, str | None], ...] = (
     ("reboot", "k"), ("pci", "off"), ("8250.nr_uarts", "1"), ("i8042.nokbd", None))
 
