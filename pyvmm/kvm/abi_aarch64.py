@@ -64,6 +64,8 @@ class kvm_regs(AbiStruct):
 # Register ids (linux/kvm.h KVM_REG_*; asm/kvm.h KVM_REG_ARM_CORE_REG: the offset into kvm_regs in
 # 32-bit words).
 KVM_REG_ARM64 = 0x6000_0000_0000_0000
+KVM_REG_SIZE_SHIFT = 52  # an id's bits 55:52: log2 of the register's size in bytes
+KVM_REG_SIZE_MASK = 0x00F0_0000_0000_0000
 KVM_REG_SIZE_U32 = 0x0020_0000_0000_0000
 KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
 KVM_REG_SIZE_U128 = 0x0040_0000_0000_0000
@@ -71,6 +73,11 @@ KVM_REG_ARM_COPROC_SHIFT = 16
 KVM_REG_ARM_CORE = 0x0010 << KVM_REG_ARM_COPROC_SHIFT
 
 _REGS = kvm_regs.regs.offset
+
+
+def reg_size(reg_id: int) -> int:
+    """The register's size in bytes, from its id (linux/kvm.h KVM_REG_SIZE)."""
+    return 1 << ((reg_id & KVM_REG_SIZE_MASK) >> KVM_REG_SIZE_SHIFT)
 
 
 def core_reg_id(offset: int) -> int:
@@ -185,6 +192,6 @@ KVM_ARM_IRQ_TYPE_SPI = 1
 VGIC_NR_PRIVATE_IRQS = 32  # SGIs + PPIs: SPI n is INTID 32 + n
 
 __all__ = [name for name in globals() if name.isupper() or name.startswith(("kvm_", "user_"))]
-__all__ += ["core_reg_id", "reg_x", "sys_reg_id"]
+__all__ += ["core_reg_id", "reg_size", "reg_x", "sys_reg_id"]
 
 assert ctypes.sizeof(user_pt_regs) == 272 and kvm_regs.fp_regs.offset % 16 == 0

@@ -125,3 +125,10 @@ def test_register_ids_match_the_headers_macros(arm64_values: dict[str, int]) -> 
     wrong = {n: (hex(getattr(arm, n)), hex(arm64_values[f"reg {n}"])) for n in REGISTER_IDS
              if arm64_values[f"reg {n}"] != getattr(arm, n)}
     assert not wrong
+
+
+def test_register_size_from_id() -> None:
+    """linux/kvm.h: an id's KVM_REG_SIZE field is log2 of the size in bytes."""
+    assert arm.reg_size(arm.REG_PC) == 8
+    assert arm.reg_size(arm.KVM_REG_ARM64 | arm.KVM_REG_SIZE_U32) == 4
+    assert arm.reg_size(arm.KVM_REG_ARM64 | arm.KVM_REG_SIZE_U128) == 16

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Sequence
 
+from pyvmm.arch.aarch64.machine import get_one_reg, set_one_reg
 from pyvmm.arch.aarch64.pagewalk import Translation, translate
 from pyvmm.errors import KvmError
 from pyvmm.gdb.target import Z_ACCESS, Z_HARDWARE, Z_READ, Z_WRITE, HwPoint, Register, StopWhy
@@ -113,17 +114,6 @@ TARGET_XML = (
 )
 
 
-def _get(vcpu: VcpuFd, reg_id: int, size: int) -> int:
-    buf = (ctypes.c_uint8 * size)()
-    vcpu.get(f"KVM_GET_ONE_REG {reg_id:#x}", abi.KVM_GET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
-    return int.from_bytes(bytes(buf), "little")
-
-
-def _set(vcpu: VcpuFd, reg_id: int, size: int, value: int) -> None:
-    buf = (ctypes.c_uint8 * size).from_buffer_copy(value.to_bytes(size, "little"))
-    vcpu.set(f"KVM_SET_ONE_REG {reg_id:#x}", abi.KVM_SET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
-
-
 def _sp_id(pstate: int) -> int:
     """The stack pointer in use: SP_EL1 in EL1h, SP_EL0 (kvm_regs.regs.sp) in EL1t and EL0."""
     return arm.REG_SP_EL1 if pstate & PSR_MODE_MASK == PSR_MODE_EL1h else arm.REG_SP
@@ -158,12 +148,12 @@ class Aarch64DebugTarget:
 
     # -- registers --------------------------------------------------------------------------------------
     def read_registers(self, vcpu: VcpuFd) -> list[int | None]:
-        out: list[int | None] = [_get(vcpu, arm.reg_x(i), 8) for i in range(31)]
-        pstate = _get(vcpu, arm.REG_PSTATE, 8)
-        out += [_get(vcpu, _sp_id(pstate), 8), _get(vcpu, arm.REG_PC, 8), pstate & 0xFFFF_FFFF]
+        out: list[int | None] = [get_one_reg(vcpu, arm.reg_x(i)) for i in range(31)]
+        pstate = get_one_reg(vcpu, arm.REG_PSTATE)
+        out += [get_one_reg(vcpu, _sp_id(pstate)), get_one_reg(vcpu, arm.REG_PC), pstate & 0xFFFF_FFFF]
         try:
-            out += [_get(vcpu, v, 16) for v in _V]
-            out += [_get(vcpu, _FPSR, 4), _get(vcpu, _FPCR, 4)]
+            out += [get_one_reg(vcpu, v) for v in _V]
+            out += [get_one_reg(vcpu, _FPSR), get_one_reg(vcpu, _FPCR)]
         except KvmError:  # a vCPU without FP/SIMD state (not seen with KVM): gdb shows them unavailable
             out += [None] * (len(REGISTERS) - len(out))
         return out
@@ -172,27 +162,27 @@ class Aarch64DebugTarget:
         for num, value in values.items():
             name = REGISTERS[num].name
             if name.startswith("x"):
-                _set(vcpu, arm.reg_x(int(name[1:])), 8, value)
+                set_one_reg(vcpu, arm.reg_x(int(name[1:])), value)
             elif name == "sp":
-                _set(vcpu, _sp_id(_get(vcpu, arm.REG_PSTATE, 8)), 8, value)
+                set_one_reg(vcpu, _sp_id(get_one_reg(vcpu, arm.REG_PSTATE)), value)
             elif name == "pc":
-                _set(vcpu, arm.REG_PC, 8, value)
+                set_one_reg(vcpu, arm.REG_PC, value)
             elif name == "cpsr":
-                pstate = _get(vcpu, arm.REG_PSTATE, 8)
-                _set(vcpu, arm.REG_PSTATE, 8, (pstate & ~0xFFFF_FFFF) | value)
+                pstate = get_one_reg(vcpu, arm.REG_PSTATE)
+                set_one_reg(vcpu, arm.REG_PSTATE, (pstate & ~0xFFFF_FFFF) | value)
             elif name.startswith("v"):
-                _set(vcpu, _V[int(name[1:])], 16, value)
+                set_one_reg(vcpu, _V[int(name[1:])], value)
             elif name == "fpsr":
-                _set(vcpu, _FPSR, 4, value)
+                set_one_reg(vcpu, _FPSR, value)
             elif name == "fpcr":
-                _set(vcpu, _FPCR, 4, value)
+                set_one_reg(vcpu, _FPCR, value)
 
     def program_counter(self, vcpu: VcpuFd) -> int:
-        return _get(vcpu, arm.REG_PC, 8)
+        return get_one_reg(vcpu, arm.REG_PC)
 
     # -- memory -----------------------------------------------------------------------------------------
     def translate(self, vcpu: VcpuFd, vaddr: int) -> int:
-        regs = Translation(*(_get(vcpu, r, 8) for r in (arm.REG_SCTLR_EL1, arm.REG_TCR_EL1, arm.REG_TTBR0_EL1,
+        regs = Translation(*(get_one_reg(vcpu, r) for r in (arm.REG_SCTLR_EL1, arm.REG_TCR_EL1, arm.REG_TTBR0_EL1,
                                                         arm.REG_TTBR1_EL1)))
         return translate(self.mem, regs, vaddr)
 
@@ -245,16 +235,16 @@ class Aarch64DebugTarget:
 
     def _guest_brk(self, vcpu: VcpuFd, esr: int) -> None:
         """Take the guest's BRK exception to its EL1 as the CPU would have without gdb."""
-        pstate = _get(vcpu, arm.REG_PSTATE, 8)
+        pstate = get_one_reg(vcpu, arm.REG_PSTATE)
         vector = _VECTOR.get(pstate & PSR_MODE_MASK)
         if vector is None:  # not from EL0 or EL1 in AArch64: nothing the guest kernel could have taken
             log.warning("vCPU %d: BRK in PSTATE %#x: left to gdb", vcpu.index, pstate)
             return
-        _set(vcpu, arm.REG_ESR_EL1, 8, esr)
-        _set(vcpu, arm.REG_ELR_EL1, 8, self.program_counter(vcpu))
-        _set(vcpu, arm.REG_SPSR_EL1, 8, pstate)
-        _set(vcpu, arm.REG_PSTATE, 8, PSR_MODE_EL1h | PSR_DAIF)
-        _set(vcpu, arm.REG_PC, 8, _get(vcpu, arm.REG_VBAR_EL1, 8) + vector)
+        set_one_reg(vcpu, arm.REG_ESR_EL1, esr)
+        set_one_reg(vcpu, arm.REG_ELR_EL1, self.program_counter(vcpu))
+        set_one_reg(vcpu, arm.REG_SPSR_EL1, pstate)
+        set_one_reg(vcpu, arm.REG_PSTATE, PSR_MODE_EL1h | PSR_DAIF)
+        set_one_reg(vcpu, arm.REG_PC, get_one_reg(vcpu, arm.REG_VBAR_EL1) + vector)
 
     def emulation_breakpoint(self, vcpu: VcpuFd, is_breakpoint: Callable[[int], bool]) -> bool:
         return False  # KVM on arm64 reports BRK as a debug exit, never as an emulation failure
@@ -264,7 +254,7 @@ class Aarch64DebugTarget:
         if not self._clock_ok:
             return
         try:
-            self._clock = _get(self._clock_vcpu, arm.KVM_REG_ARM_TIMER_CNT, 8)
+            self._clock = get_one_reg(self._clock_vcpu, arm.KVM_REG_ARM_TIMER_CNT)
         except KvmError as err:
             log.debug("virtual counter not held: %s", err)
             self._clock_ok = False
@@ -274,7 +264,7 @@ class Aarch64DebugTarget:
             return
         value, self._clock = self._clock, None
         try:
-            _set(self._clock_vcpu, arm.KVM_REG_ARM_TIMER_CNT, 8, value)
+            set_one_reg(self._clock_vcpu, arm.KVM_REG_ARM_TIMER_CNT, value)
         except KvmError as err:
             log.debug("virtual counter not restored: %s", err)
             self._clock_ok = False

@@ -94,14 +94,17 @@ def preferred_target(vm: VmFd) -> arm.kvm_vcpu_init:
 
 
 def set_one_reg(vcpu: VcpuFd, reg_id: int, value: int) -> None:
-    v = ctypes.c_uint64(value)
-    vcpu.set(f"KVM_SET_ONE_REG {reg_id:#x}", abi.KVM_SET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(v)))
+    """KVM_SET_ONE_REG of a register of any size (the id says which: 32, 64 or 128 bits)."""
+    size = arm.reg_size(reg_id)
+    buf = (ctypes.c_uint8 * size).from_buffer_copy(value.to_bytes(size, "little"))
+    vcpu.set(f"KVM_SET_ONE_REG {reg_id:#x}", abi.KVM_SET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
 
 
 def get_one_reg(vcpu: VcpuFd, reg_id: int) -> int:
-    v = ctypes.c_uint64()
-    vcpu.get(f"KVM_GET_ONE_REG {reg_id:#x}", abi.KVM_GET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(v)))
-    return int(v.value)
+    """KVM_GET_ONE_REG of a register of any size."""
+    buf = (ctypes.c_uint8 * arm.reg_size(reg_id))()
+    vcpu.get(f"KVM_GET_ONE_REG {reg_id:#x}", abi.KVM_GET_ONE_REG, abi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf)))
+    return int.from_bytes(bytes(buf), "little")
 
 
 def setup_vcpu(vcpu: VcpuFd, target: arm.kvm_vcpu_init, *, entry: int, fdt_addr: int) -> None:
