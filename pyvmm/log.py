@@ -7,6 +7,10 @@ that hands each call to ``logging.getLogger(name)`` once there is a call, and th
 :func:`configure` is applied then (at once if ``logging`` is already imported, as under pytest).
 Messages, levels, names and handlers are logging's own: ``caplog`` and ``logging.getLogger("pyvmm.bus")``
 see the same records as before.
+
+Until something imports ``logging``, nothing can have configured it but :func:`configure`, so a message
+below that level (or below WARNING, logging's default for the root logger, when nothing configured it) is
+one logging would drop: the stand-in drops it without importing anything.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ def configure(level: int) -> None:
         sys.modules["logging"].basicConfig(**kwargs)
     else:
         _pending = kwargs
+
+
+def _dropped(level: int) -> bool:
+    """Whether logging, were it imported now, would drop a message of ``level`` (see the module's doc)."""
+    if "logging" in sys.modules:
+        return False
+    return level < (_pending["level"] if _pending is not None else WARNING)
 
 
 def _logging() -> Any:
@@ -60,16 +71,19 @@ class Logger:
         return self._real
 
     def isEnabledFor(self, level: int) -> bool:  # logging's spelling
-        return self.real.isEnabledFor(level)
+        return not _dropped(level) and self.real.isEnabledFor(level)
 
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.real.debug(msg, *args, **kwargs)
+        if not _dropped(DEBUG):
+            self.real.debug(msg, *args, **kwargs)
 
     def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.real.info(msg, *args, **kwargs)
+        if not _dropped(INFO):
+            self.real.info(msg, *args, **kwargs)
 
     def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.real.warning(msg, *args, **kwargs)
+        if not _dropped(WARNING):
+            self.real.warning(msg, *args, **kwargs)
 
     def error(self, msg: object, *args: object, **kwargs: Any) -> None:
         self.real.error(msg, *args, **kwargs)

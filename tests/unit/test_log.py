@@ -42,3 +42,27 @@ def test_records_reach_caplog_under_the_modules_name(caplog: object) -> None:
     with caplog.at_level(logging.WARNING, logger="pyvmm.bus"):
         log.get_logger("pyvmm.bus").warning("guest wrote %#x", 0x3F8)
     assert [(r.name, r.getMessage()) for r in caplog.records] == [("pyvmm.bus", "guest wrote 0x3f8")]
+
+
+def test_messages_below_the_level_import_nothing() -> None:
+    """A message the configuration would drop costs no import of logging: below the CLI's level, or below
+    WARNING (logging's own default) when nothing configured it."""
+    proc = _run("import sys\n"
+                "from pyvmm import log\n"
+                "lg = log.get_logger('pyvmm.x')\n"
+                "lg.info('dropped'); lg.debug('dropped')\n"
+                "print('logging' in sys.modules, lg.isEnabledFor(log.INFO))\n"
+                "log.configure(log.ERROR)\n"
+                "lg.warning('dropped')\n"
+                "print('logging' in sys.modules, lg.isEnabledFor(log.ERROR))\n"
+                "lg.error('shown')\n"
+                "print('logging' in sys.modules)\n")
+    assert proc.stdout.split() == ["False", "False", "False", "True", "True"]
+    assert proc.stderr == "pyvmm: shown\n"
+
+
+def test_without_configuration_warnings_still_reach_stderr() -> None:
+    proc = _run("from pyvmm import log\n"
+                "lg = log.get_logger('pyvmm.x')\n"
+                "lg.info('dropped'); lg.warning('shown %s', 'once')\n")
+    assert proc.stderr == "shown once\n"  # logging's last-resort handler, as without pyvmm.log
