@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass
 
 from pyvmm.arch.x86_64.pagewalk import EFER_LMA, PagingMode, read_linear, write_linear
 from pyvmm.errors import GuestMemoryError
@@ -68,14 +67,19 @@ class EmulationFailure(Exception):
         self.reason = reason
 
 
-@dataclass
 class _Decoded:
-    prefixes: bytes
-    rex: int
-    opcode: bytes
-    length: int  # through the ModRM/SIB/displacement, if any
-    modrm: int | None = None
-    ea: int | None = None  # effective linear address of a memory operand
+    """An instruction as far as it is decoded (a plain class: one is made per assisted instruction, and
+    the dataclasses module is not worth its import on this path)."""
+
+    __slots__ = ("ea", "length", "modrm", "opcode", "prefixes", "rex")
+
+    def __init__(self, *, prefixes: bytes, rex: int, opcode: bytes, length: int) -> None:
+        self.prefixes = prefixes
+        self.rex = rex
+        self.opcode = opcode
+        self.length = length  # through the ModRM/SIB/displacement, if any
+        self.modrm: int | None = None
+        self.ea: int | None = None  # effective linear address of a memory operand
 
 
 class EmulationAssist:
