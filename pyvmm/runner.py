@@ -49,6 +49,7 @@ def _attach_stdin(vmm: Vmm) -> ConsoleInput | None:
         if console_in.eof:
             vmm.loop.remove(fd)
         push()
+        vmm.hurry_housekeeping()
 
     try:
         console_in.__enter__()
