@@ -6,11 +6,12 @@ use, so ``import pyvmm`` (and the CLI) stays light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # typing's own, without importing typing (pyvmm.statictypes)
 if TYPE_CHECKING:
+    from typing import Any
+
     from pyvmm.api import (
         VM,
         CommandResult,

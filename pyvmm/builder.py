@@ -15,12 +15,10 @@ import contextlib
 import importlib
 import os
 from collections.abc import Callable
-from typing import Protocol
 
 from pyvmm.buildparts import (
     CONSOLE_FROM_CONFIG,
     BuildReport,
-    ConsoleFd,
     VmLink,
     attach_disks,
     create_vcpus,
@@ -42,7 +40,11 @@ from pyvmm.kvm.vm import VmFd
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import TYPE_CHECKING, Protocol
 from pyvmm.vmm import ArchExitHandler, Vmm
+
+if TYPE_CHECKING:
+    from pyvmm.buildparts import ConsoleFd
 
 
 class Machine(Protocol):

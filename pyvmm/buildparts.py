@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 from pyvmm.bus import Bus
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_address
@@ -35,13 +34,18 @@ from pyvmm.loader.cmdline import Cmdline
 from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
 from pyvmm.record import field, record
+from pyvmm.statictypes import TYPE_CHECKING
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import Vmm
 
 if TYPE_CHECKING:
+    from typing import Literal
+
     from pyvmm.devices.virtio.mmio import VirtioMmioTransport
     from pyvmm.gdb.target import DebugTarget
     from pyvmm.trace import Tracer
+
+    ConsoleFd = int | None | Literal["config"]
 
 log = get_logger(__name__)
 
@@ -159,7 +163,6 @@ def after_panic_grace(fn: Callable[[], None]) -> None:
 
 # build_vm's console_fd: an fd, None (nowhere), or this: where config.console says
 CONSOLE_FROM_CONFIG: Literal["config"] = "config"
-ConsoleFd = int | None | Literal["config"]
 
 
 def make_console(config: VmConfig, stack: contextlib.ExitStack, console_fd: ConsoleFd,

@@ -16,10 +16,13 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, TypeVar
 
 from pyvmm.devices.ratelimit import LogLimiter
 from pyvmm.log import get_logger
+from pyvmm.statictypes import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from typing import TypeVar
 
 log = get_logger(__name__)
 
@@ -48,10 +51,11 @@ class _Range(NamedTuple):
 
 Reader = Callable[[int], int]  # size -> value
 Writer = Callable[[int, int], None]  # size, value
-Handler = TypeVar("Handler", Reader, Writer)
+if TYPE_CHECKING:
+    Handler = TypeVar("Handler", Reader, Writer)
 
 
-class DispatchTable(dict[int, Handler | None]):
+class DispatchTable(dict[int, "Handler | None"]):  # a string: Handler is the type checker's alone
     """address -> handler, filled on first use: ``table[addr]`` is the handler, or None where the bus must
     serve the access itself (an unclaimed address, or one in a range too big to tabulate; not stored, so
     a guest scanning addresses cannot grow the table).  Use ``table[addr]``, not ``get``."""

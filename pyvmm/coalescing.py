@@ -33,13 +33,13 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
 from pyvmm.bus import Bus, DispatchTable, Reader, Writer
 from pyvmm.kvm.abi import KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
+from pyvmm.statictypes import NamedTuple
 
 
 class Zone(NamedTuple):

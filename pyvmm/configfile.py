@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
 
 from pyvmm.config import (
     BOOT_MODES,
@@ -42,7 +41,11 @@ from pyvmm.config import (
 from pyvmm.errors import ConfigError
 from pyvmm.guestexec import check_exec
 from pyvmm.record import fields, record, replace
+from pyvmm.statictypes import TYPE_CHECKING
 from pyvmm.trace import parse_selectors
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _check_verbose(level: int) -> int:
@@ -277,7 +280,8 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
     if key == "timeout":
         _need(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
               and value > 0, where, "a positive number of seconds", value)
-        return float(cast(float, value))
+        assert isinstance(value, int | float)  # for the type checker: _need has checked it
+        return float(value)
     if key in ("panic-exit", "quiet", "stats", "sandbox", "gdb-wait"):
         _need(isinstance(value, bool), where, "true or false", value)
         return value
@@ -285,10 +289,12 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         items = [value] if isinstance(value, str) else value
         _need(isinstance(items, list) and all(isinstance(s, str) for s in items), where,
               "a selector string (\"virtio\", \"virtio.irq,virtio.ack\", \"none\") or a list of them", value)
-        return normalise_trace(cast(list[str], items))
+        assert isinstance(items, list)
+        return normalise_trace([str(s) for s in items])
     if key == "disk":
         _need(isinstance(value, list), where, "an array of [[disk]] tables or --disk spec strings", value)
-        return tuple(_disk(d, base, f"{where}[{i}]") for i, d in enumerate(cast(list[object], value)))
+        assert isinstance(value, list)
+        return tuple(_disk(d, base, f"{where}[{i}]") for i, d in enumerate(value))
     raise AssertionError(key)
 
 
@@ -297,7 +303,8 @@ def _disk(value: object, base: Path, where: str) -> DiskConfig:
         disk = DiskConfig.parse(value)
     else:
         _need(isinstance(value, dict), where, "a [[disk]] table or a --disk spec string", value)
-        table = cast(dict[str, object], value)
+        assert isinstance(value, dict)
+        table: dict[str, object] = value
         texts: dict[str, str] = {}
         for k, v in table.items():
             if k in ("readonly", "discard", "snapshot"):

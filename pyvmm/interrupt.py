@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Protocol
+
+from pyvmm.statictypes import Protocol
 
 
 class IrqLine(Protocol):

@@ -16,10 +16,12 @@ one logging would drop: the stand-in drops it without importing anything.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+
+from pyvmm.statictypes import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import logging
+    from typing import Any
 
 # logging's level numbers (Lib/logging/__init__.py), for callers that must not import it
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40

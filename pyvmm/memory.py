@@ -21,9 +21,9 @@ import contextlib
 import ctypes
 import mmap
 import struct
-from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm.errors import GuestMemoryError
+from pyvmm.statictypes import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # numpy is imported when a view is first asked for: `pyvmm run` starts without it
     import numpy as np

@@ -18,10 +18,20 @@ Modules off that path (tests, benchmarks, the gdb server, the lab) keep using da
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform, overload
 
-T = TypeVar("T")
-C = TypeVar("C", bound=type)
+from pyvmm.statictypes import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, dataclass_transform, overload
+
+    T = TypeVar("T")
+    C = TypeVar("C", bound=type)
+else:  # typing's decorator marks the function for type checkers (pyvmm.statictypes says why not typing)
+    def dataclass_transform(**kwargs):
+        def mark(fn):
+            fn.__dataclass_transform__ = kwargs  # what typing's sets, for introspection
+            return fn
+        return mark
 
 _MISSING = object()
 
@@ -138,10 +148,11 @@ def _make_record(cls: C, frozen: bool) -> C:
     return cls
 
 
-@overload
-def record(cls: C, /) -> C: ...
-@overload
-def record(*, frozen: bool = True) -> Callable[[C], C]: ...
+if TYPE_CHECKING:
+    @overload
+    def record(cls: C, /) -> C: ...
+    @overload
+    def record(*, frozen: bool = True) -> Callable[[C], C]: ...
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))

@@ -25,7 +25,8 @@ import ctypes
 import errno
 import os
 import struct
-from typing import NamedTuple
+
+from pyvmm.statictypes import NamedTuple
 
 # linux/seccomp.h
 SECCOMP_SET_MODE_FILTER = 1

@@ -32,9 +32,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TextIO
 
 from pyvmm.errors import ConfigError
+from pyvmm.statictypes import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TextIO
 
 TraceHook = Callable[[str], None]
 

@@ -26,7 +26,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pyvmm.bus import Bus, DispatchTable, Reader, Writer
 from pyvmm.coalescing import CoalescedWrites
@@ -39,6 +38,7 @@ from pyvmm.kvm.stats import StatsFd
 from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.log import get_logger
 from pyvmm.record import field, record
+from pyvmm.statictypes import TYPE_CHECKING, NamedTuple, Protocol
 from pyvmm.status import ExitStatus, guest_exit_code
 from pyvmm.stopreport import MARK_INTERVAL_S, REPORT_WINDOW_S, ProgressWatch, VcpuProgress, VcpuReport
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Callable, Iterable
-from typing import TypeVar
 
 from pyvmm.kvm.ioctl import KVMIO, io, iow, iowr
+from pyvmm.statictypes import TYPE_CHECKING
 
-_T = TypeVar("_T", bound=type)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _T = TypeVar("_T", bound=type)
 
 
 class AbiStruct(ctypes.Structure):

@@ -25,9 +25,12 @@ import ctypes
 import itertools
 import mmap
 import struct
-from typing import Any
 
 from pyvmm.kvm import abi
+from pyvmm.statictypes import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _HEADER = abi.unpacker(abi.kvm_coalesced_mmio_ring)  # first, last
 _ENTRY = abi.unpacker(abi.kvm_coalesced_mmio, ints=("data",))  # phys_addr, len, pio, data (as an integer)

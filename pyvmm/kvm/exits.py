@@ -9,9 +9,12 @@ attribute accesses (each one a descriptor call and an object) per exit.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from pyvmm.kvm import abi
+from pyvmm.statictypes import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_REASON_OFFSET = abi.kvm_run.exit_reason.offset
 _EXIT_REASON = struct.Struct("<I")

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
 
 from pyvmm.errors import KvmError
+from pyvmm.statictypes import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _IOC_NRBITS = 8
 _IOC_TYPEBITS = 8

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import NamedTuple
 
 from pyvmm.kvm.ioctl import KVMIO, io, ioctl
+from pyvmm.statictypes import NamedTuple
 
 KVM_CAP_BINARY_STATS_FD = 203
 KVM_GET_STATS_FD = io(KVMIO, 0xCE)

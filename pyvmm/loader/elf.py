@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import NamedTuple
 
 from pyvmm.errors import LoaderError
 from pyvmm.loader.formats import ELF_MAGIC
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import NamedTuple
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 # A vmlinux carries no cmdline_size of its own: use what header.S would say, COMMAND_LINE_SIZE - 1

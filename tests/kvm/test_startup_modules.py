@@ -28,7 +28,7 @@ sys.argv[0] = "pyvmm"
 sys.exit(main())
 """
 
-HEAVY = ("logging", "traceback", "tokenize", "linecache", "dataclasses", "inspect", "numpy", "elftools")
+HEAVY = ("logging", "traceback", "tokenize", "linecache", "dataclasses", "inspect", "typing", "numpy", "elftools")
 
 
 def test_a_run_reaches_kvm_run_without_the_heavy_modules(firmware: Callable[..., Path]) -> None:

@@ -19,7 +19,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_devices_never_import_kvm_or_arch() -> None:
-    allowed = ("pyvmm.memory", "pyvmm.interrupt", "pyvmm.errors", "pyvmm.config", "pyvmm.log", "pyvmm.devices")
+    allowed = ("pyvmm.memory", "pyvmm.interrupt", "pyvmm.errors", "pyvmm.config", "pyvmm.log", "pyvmm.statictypes",
+               "pyvmm.devices")
     for path in (ROOT / "devices").rglob("*.py"):
         for mod in _imports(path):
             if mod.startswith("pyvmm"):
@@ -37,7 +38,17 @@ def test_kvm_layer_imports_nothing_above_it() -> None:
     for path in (ROOT / "kvm").rglob("*.py"):
         for mod in _imports(path):
             if mod.startswith("pyvmm"):
-                assert mod.startswith(("pyvmm.kvm", "pyvmm.errors")), f"{path.name} imports {mod}"
+                assert mod.startswith((*LEAVES, "pyvmm.kvm")), f"{path.name} imports {mod}"
+
+
+# Modules every layer may use: they import nothing from pyvmm.
+LEAVES = ("pyvmm.errors", "pyvmm.statictypes")
+
+
+def test_leaves_import_nothing_from_pyvmm() -> None:
+    for leaf in LEAVES:
+        mods = _imports(ROOT / f"{leaf.removeprefix('pyvmm.')}.py")
+        assert not [m for m in mods if m.startswith("pyvmm")], leaf
 
 
 def test_cli_holds_no_vm_logic() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from pyvmm.arch.aarch64 import layout, machine
 from pyvmm.arch.aarch64.devicetree import build_device_tree
@@ -30,6 +29,7 @@ from pyvmm.devices.serial import Serial16550
 from pyvmm.errors import ConfigError
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.kernel import LoadedKernel
+from pyvmm.statictypes import TYPE_CHECKING
 from pyvmm.vmm import ArchExitHandler, Vmm
 
 if TYPE_CHECKING:

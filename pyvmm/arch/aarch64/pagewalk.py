@@ -13,10 +13,9 @@ reads and writes what the guest maps.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import NamedTuple
 
 SCTLR_M = 1 << 0
 TCR_EPD0 = 1 << 7

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64 import hostkvm, layout, machine, mptable
 from pyvmm.arch.x86_64.acpi import tables as acpi_tables
@@ -33,6 +32,7 @@ from pyvmm.devices.rtc import CmosRtc
 from pyvmm.devices.serial import Serial16550
 from pyvmm.loader.cmdline import Cmdline
 from pyvmm.loader.kernel import LoadedKernel
+from pyvmm.statictypes import TYPE_CHECKING
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import ArchExitHandler, Vmm
 

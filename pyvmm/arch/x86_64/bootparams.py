@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64.layout import (
     CMDLINE_ADDR,
@@ -28,6 +27,7 @@ from pyvmm.arch.x86_64.layout import (
 )
 from pyvmm.errors import LoaderError
 from pyvmm.kvm.abi import checked
+from pyvmm.statictypes import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for annotations: the loader imports this module for setup_header
     from pyvmm.loader.kernel import LoadedKernel

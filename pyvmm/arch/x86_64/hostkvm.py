@@ -9,7 +9,8 @@ instructions the assist cannot perform.  On a hardware KVM neither happens.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+
+from pyvmm.statictypes import NamedTuple
 
 SOFTWARE_KVM_MODULES = ("kvm_pvm",)
 

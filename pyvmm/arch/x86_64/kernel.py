@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
 
 from pyvmm.errors import LoaderError
 from pyvmm.loader._files import map_file
@@ -15,8 +14,12 @@ from pyvmm.loader.elf import load_elf
 from pyvmm.loader.formats import has_aarch64_image_magic, is_bzimage, is_elf
 from pyvmm.loader.kernel import LoadedKernel
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import TYPE_CHECKING
 
-Boot = Literal["elf", "guest"]
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Boot = Literal["elf", "guest"]
 
 
 def load_kernel(mem: GuestMemory, path: str | os.PathLike[str], *, boot: Boot = "elf") -> LoadedKernel:

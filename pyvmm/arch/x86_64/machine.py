@@ -5,7 +5,6 @@ devices a PC guest expects, and the exit handler that runs the emulation assist.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
 
 from pyvmm.arch.x86_64 import cpu, layout
 from pyvmm.errors import KvmError
@@ -15,6 +14,7 @@ from pyvmm.kvm.vcpu import VcpuFd
 from pyvmm.kvm.vm import VmFd
 from pyvmm.log import get_logger
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import TYPE_CHECKING
 from pyvmm.status import ExitStatus
 from pyvmm.vmm import ArchExitHandler
 

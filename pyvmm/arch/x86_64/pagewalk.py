@@ -7,11 +7,10 @@ guest itself was about to access.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from pyvmm.errors import GuestMemoryError
 from pyvmm.kvm import abi_x86_64 as x86
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import NamedTuple
 
 # Control-register and page-table bits (SDM vol. 3, 2.5 and 4.5); cpu.py uses these too.
 CR0_PG = 1 << 31

@@ -23,11 +23,11 @@ import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from pyvmm.config import DiskConfig
 from pyvmm.errors import DeviceError
 from pyvmm.log import get_logger
+from pyvmm.statictypes import Protocol
 
 log = get_logger(__name__)
 

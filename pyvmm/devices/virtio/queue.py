@@ -24,11 +24,11 @@ negotiated, ``used_event`` / ``avail_event`` (§2.7.10) when it is.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from pyvmm.devices.virtio.barrier import mb, rmb, wmb
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
+from pyvmm.statictypes import NamedTuple
 
 # Descriptor flags (§2.7.5).
 VIRTQ_DESC_F_NEXT = 1

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from pyvmm.arch.x86_64 import layout, mptable
 from pyvmm.arch.x86_64.acpi import aml
 from pyvmm.devices import pvpanic
 from pyvmm.memory import GuestMemory
 from pyvmm.record import field, record
+from pyvmm.statictypes import NamedTuple
 
 OEM_ID = b"PYVMM "  # 6 bytes
 OEM_TABLE_ID = b"PYVMM   "  # 8 bytes
