@@ -14,7 +14,6 @@ import select
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from pyvmm.bus import Bus
 from pyvmm.config import CONSOLE_NONE, CONSOLE_STDIO, VmConfig, parse_gdb_address
@@ -99,7 +98,7 @@ def create_vm(ram: list[tuple[int, int]], stack: contextlib.ExitStack,
     return mem, kvm, vm
 
 
-def kernel_symbolizer(kernel: Path) -> Callable[[int], str | None]:
+def kernel_symbolizer(kernel: str | os.PathLike[str]) -> Callable[[int], str | None]:
     """Address -> "symbol+0xoff" in ``kernel`` (for stop reports); nothing is read, and the symbol reader not
     imported, until the first lookup."""
     lookup: list[Callable[[int], str | None]] = []

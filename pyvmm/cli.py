@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import os
 import sys
-from pathlib import Path
 
 from pyvmm import __version__, log
 from pyvmm.config import DEVICES_VIA
@@ -43,12 +42,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of ``pyvmm run`` (and ``pyvmm config``).  The parser's argument default is SUPPRESS: a
     flag that is absent leaves the config file's value (or RunSettings' default, quoted in the help)."""
     d = RunSettings()
-    p.add_argument("--config", type=Path, metavar="FILE",
+    p.add_argument("--config", metavar="FILE",
                    help="read options from a TOML config file (docs/config.md); flags given here override it")
-    p.add_argument("--kernel", type=Path, metavar="PATH",
+    p.add_argument("--kernel", metavar="PATH",
                    help="ELF vmlinux or bzImage (the format is detected from the file); required, here or in "
                         "the config file")
-    p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs/initrd image")
+    p.add_argument("--initrd", metavar="PATH", help="initramfs/initrd image")
     p.add_argument("--cmdline", metavar="TEXT",
                    help=f"kernel command line (default: {d.cmdline}); pyvmm appends reboot=k pci=off "
                         "8250.nr_uarts=1 i8042.nokbd unless given, plus the devices and any host workarounds")
@@ -83,7 +82,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="append", metavar="SEL",
                    help="trace virtio events, one line each: virtio (all), or comma-separated "
                         f"virtio.<class> with <class> in {', '.join(EVENT_CLASSES)}; none = off (default)")
-    p.add_argument("--trace-file", type=Path, metavar="PATH", help="write the trace here instead of stderr")
+    p.add_argument("--trace-file", metavar="PATH", help="write the trace here instead of stderr")
     p.add_argument("--stats", action="store_true",
                    help="at the end, print exits by kind and device register, the VMM time spent on each, the "
                         "time in KVM_RUN and from process start to the first KVM_RUN")

@@ -10,7 +10,6 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 from pyvmm.errors import ConfigError
 from pyvmm.guestexec import check_exec
@@ -149,7 +148,7 @@ def _parse_bool(key: str, value: str) -> bool:
 class DiskConfig:
     """One ``--disk``: a raw image file exposed as a virtio-blk device."""
 
-    path: Path
+    path: str  # a file name (a path-like object from Python code is turned into one)
     readonly: bool = False
     serial: str | None = None
     cache: str = "writeback"  # "writeback" (page cache, FLUSH = fdatasync) or "none" (O_DIRECT)
@@ -167,7 +166,7 @@ class DiskConfig:
         # Checked here, not only in parse(), so that a DiskConfig made in Python is held to the same rules.
         if not str(self.path):
             raise ConfigError("a --disk has no path=")
-        object.__setattr__(self, "path", Path(self.path))  # a str from Python code, too
+        object.__setattr__(self, "path", os.fspath(self.path))
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"bad cache mode {self.cache!r}: expected writeback or none")
         if self.serial is not None and len(self.serial.encode()) > 20:
@@ -207,7 +206,7 @@ class DiskConfig:
             raise ConfigError(f"--disk {where} has no path=")
         ro_text = values.get("readonly", values.get("ro", "off"))
         return cls(
-            path=Path(values["path"]),
+            path=values["path"],
             readonly=_parse_bool("readonly", ro_text),
             serial=values.get("serial"),
             cache=values.get("cache", "writeback"),
@@ -247,8 +246,10 @@ class DebugKnobs:
 class VmConfig:
     """Everything needed to build and run one VM."""
 
-    kernel: Path
-    initrd: Path | None = None
+    # File names; a path-like object from Python code is turned into one (pathlib is not imported on
+    # the run path: its import, with urllib.parse and ipaddress, costs about 50 ms in the KVM lab)
+    kernel: str
+    initrd: str | None = None
     cmdline: str = "console=ttyS0"
     memory: int = 512 << 20
     cpus: int = 1
@@ -264,7 +265,7 @@ class VmConfig:
     # virtio trace: the event classes to trace (pyvmm.trace.EVENT_CLASSES; empty = off) and where to
     # (None = stderr)
     trace: frozenset[str] = frozenset()
-    trace_file: Path | None = None
+    trace_file: str | None = None
     # How the guest learns of the virtio-mmio devices (docs/acpi.md): "cmdline" (virtio_mmio.device=),
     # "acpi" (LNRO0005 devices in the DSDT) or "both" (default: kernels with either mechanism work)
     devices_via: str = "both"
@@ -283,6 +284,10 @@ class VmConfig:
     debug: DebugKnobs = field(default_factory=DebugKnobs.from_environ)
 
     def __post_init__(self) -> None:
+        for name in ("kernel", "initrd", "trace_file"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
         check_memory(self.memory)
         check_cpus(self.cpus)
         check_console(self.console)

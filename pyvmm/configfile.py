@@ -18,8 +18,8 @@ came: a flag, a config file key, or the Python API; so ``pyvmm run``, ``pyvmm co
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from pyvmm.config import (
     BOOT_MODES,
@@ -76,8 +76,8 @@ CHECKS: dict[str, Callable[[Any], object]] = {
 class RunSettings:
     """Every ``pyvmm run`` option, merged from the defaults, a config file and the command line."""
 
-    kernel: Path | None = None
-    initrd: Path | None = None
+    kernel: str | None = None
+    initrd: str | None = None
     cmdline: str = "console=ttyS0"
     memory: int = 512 << 20
     cpus: int = 1
@@ -88,7 +88,7 @@ class RunSettings:
     timeout: float | None = None
     panic_exit: bool = True
     trace: tuple[str, ...] = ()
-    trace_file: Path | None = None
+    trace_file: str | None = None
     verbose: int = 0
     quiet: bool = False
     devices_via: str = "both"
@@ -100,6 +100,10 @@ class RunSettings:
     virtio_mmio_version: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("kernel", "initrd", "trace_file"):  # file names; a path-like object becomes one
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
         for key, check in CHECKS.items():
             check(getattr(self, FILE_KEYS[key]))
         if self.gdb_wait and self.gdb is None:
@@ -172,13 +176,13 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
-def _abs(path: Path | None) -> Path | None:
-    return None if path is None else path.absolute()
+def _abs(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
 
 
 def _abs_console(console: str) -> str:
     if console.startswith(CONSOLE_FILE):
-        return CONSOLE_FILE + str(Path(console.removeprefix(CONSOLE_FILE)).absolute())
+        return CONSOLE_FILE + os.path.abspath(console.removeprefix(CONSOLE_FILE))
     return console
 
 
@@ -210,7 +214,7 @@ FILE_KEYS = {
 }
 
 
-def load_file(path: Path) -> dict[str, Any]:
+def load_file(path: str) -> dict[str, Any]:
     """Read a config file into RunSettings field values (only the keys it sets)."""
     import tomllib  # only with --config: its parser is most of the cost of importing it
     try:
@@ -224,10 +228,10 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path}: not valid TOML: {err}") from None
-    return _from_mapping(data, base=path.parent, where=str(path))
+    return _from_mapping(data, base=os.path.dirname(path), where=path)
 
 
-def _from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> dict[str, Any]:
+def _from_mapping(data: Mapping[str, Any], *, base: str, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = FILE_KEYS.get(key)
@@ -248,12 +252,12 @@ def _need(ok: bool, where: str, expected: str, value: object) -> None:
         raise ConfigError(f"{where} = {value!r}: expected {expected}")
 
 
-def _path(value: object, base: Path, where: str) -> Path:
+def _path(value: object, base: str, where: str) -> str:
     _need(isinstance(value, str) and bool(value), where, "a path (a non-empty string)", value)
-    return base / str(value)  # an absolute path stays as it is
+    return os.path.join(base, str(value))  # an absolute path stays as it is
 
 
-def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
+def _convert(key: str, value: object, *, base: str, where: str) -> Any:
     if key in ("kernel", "initrd", "trace-file"):
         return _path(value, base, where)
     if key in ("cmdline", "boot", "workarounds", "devices-via", "exec", "gdb"):
@@ -264,7 +268,7 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
         text = str(value)
         if text == CONSOLE_FILE:  # checked before the path is joined to the file's directory
             return text
-        return CONSOLE_FILE + str(base / text.removeprefix(CONSOLE_FILE)) if text.startswith(CONSOLE_FILE) else text
+        return CONSOLE_FILE + os.path.join(base, text.removeprefix(CONSOLE_FILE)) if text.startswith(CONSOLE_FILE) else text
     if key == "memory":
         # An integer means MiB, like a bare number on the command line.
         _need(isinstance(value, str | int) and not isinstance(value, bool), where,
@@ -298,7 +302,7 @@ def _convert(key: str, value: object, *, base: Path, where: str) -> Any:
     raise AssertionError(key)
 
 
-def _disk(value: object, base: Path, where: str) -> DiskConfig:
+def _disk(value: object, base: str, where: str) -> DiskConfig:
     if isinstance(value, str):
         disk = DiskConfig.parse(value)
     else:
@@ -317,7 +321,7 @@ def _disk(value: object, base: Path, where: str) -> DiskConfig:
                 _need(isinstance(v, str), f"{where}.{k}", "a string", v)
                 texts[k] = str(v)
         disk = DiskConfig.from_values(texts, where=where)
-    return replace(disk, path=base / disk.path)
+    return replace(disk, path=os.path.join(base, disk.path))
 
 
 def normalise_trace(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -355,7 +359,7 @@ def from_cli(values: Mapping[str, Any]) -> dict[str, Any]:
 FIELD_NAMES = frozenset(fields(RunSettings))
 
 
-def resolve(config_file: Path | None, cli_values: Mapping[str, Any]) -> RunSettings:
+def resolve(config_file: str | None, cli_values: Mapping[str, Any]) -> RunSettings:
     """Defaults <- the config file (if any) <- the command line."""
     merged: dict[str, Any] = load_file(config_file) if config_file is not None else {}
     merged.update(from_cli(cli_values))

@@ -46,7 +46,7 @@ def _disk(spec: DiskSpec) -> DiskConfig:
         return spec
     if isinstance(spec, str):
         return DiskConfig.parse(spec)  # "IMG" or "path=IMG,readonly=on,..."
-    return DiskConfig(Path(spec))
+    return DiskConfig(os.fspath(spec))
 
 
 def _memory(memory: str | int) -> int:
@@ -64,9 +64,9 @@ def _check_files(settings: RunSettings) -> None:
     for what, path in files:
         if path is None:
             continue
-        if not path.exists():
+        if not os.path.exists(path):
             raise ConfigError(f"{what} {path}: no such file")
-        if path.is_dir():
+        if os.path.isdir(path):
             raise ConfigError(f"{what} {path} is a directory")
 
 
@@ -136,13 +136,13 @@ class VM:
         python: str = sys.executable,
         name: str = "vm",
     ) -> None:
-        values: dict[str, Any] = load_file(Path(config)) if config is not None else {}
+        values: dict[str, Any] = load_file(os.fspath(config)) if config is not None else {}
         given: dict[str, Any] = {
-            "kernel": None if kernel is None else Path(kernel),
-            "initrd": None if initrd is None else Path(initrd),
+            "kernel": None if kernel is None else os.fspath(kernel),
+            "initrd": None if initrd is None else os.fspath(initrd),
             "cmdline": cmdline, "cpus": cpus, "boot": boot, "workarounds": workarounds,
             "timeout": None if timeout is None else float(timeout), "panic_exit": panic_exit,
-            "trace_file": None if trace_file is None else Path(trace_file), "verbose": verbose,
+            "trace_file": None if trace_file is None else os.fspath(trace_file), "verbose": verbose,
             "memory": None if memory is None else _memory(memory),
             "disks": None if disks is None else tuple(_disk(d) for d in disks),
             "trace": None if trace is None else normalise_trace([trace] if isinstance(trace, str) else list(trace)),

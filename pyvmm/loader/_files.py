@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import mmap
 import os
-from pathlib import Path
+import stat
 
 from pyvmm.errors import LoaderError
 
 
 def check_file(path: str | os.PathLike[str], what: str) -> int:
     """The size of the regular, non-empty file ``path``; LoaderError naming ``what`` and the path if not."""
-    p = Path(path)
+    p = os.fspath(path)
     try:
-        st = p.stat()
+        st = os.stat(p)
     except FileNotFoundError:
         raise LoaderError(f"{what} {p}: no such file") from None
     except OSError as e:
         raise LoaderError(f"{what} {p}: {e.strerror}") from None
-    if p.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise LoaderError(f"{what} {p}: is a directory, not a file")
     if st.st_size == 0:
         raise LoaderError(f"{what} {p}: file is empty")
@@ -29,7 +29,8 @@ def read_file(path: str | os.PathLike[str], what: str) -> bytes:
     """The whole content of ``path`` (checked with :func:`check_file`)."""
     check_file(path, what)
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise LoaderError(f"{what} {path}: cannot read: {e.strerror}") from None
 

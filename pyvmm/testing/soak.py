@@ -98,7 +98,7 @@ def vm_loop(kernel: Path, count: int) -> list[Sample]:
     pid = os.getpid()
     samples = []
     for _ in range(count):
-        vmm, _report = build_vm(VmConfig(kernel=kernel, cmdline="0", memory=64 * MiB, console=CONSOLE_NONE,
+        vmm, _report = build_vm(VmConfig(kernel=str(kernel), cmdline="0", memory=64 * MiB, console=CONSOLE_NONE,
                                          timeout=30))
         result = vmm.run()
         if result.exit_code != 0:

@@ -28,13 +28,16 @@ sys.argv[0] = "pyvmm"
 sys.exit(main())
 """
 
-HEAVY = ("logging", "traceback", "tokenize", "linecache", "dataclasses", "inspect", "typing", "numpy", "elftools")
+HEAVY = ("logging", "traceback", "tokenize", "linecache", "dataclasses", "inspect", "typing", "pathlib",
+         "numpy", "elftools")
 
 
-def test_a_run_reaches_kvm_run_without_the_heavy_modules(firmware: Callable[..., Path]) -> None:
+def test_a_run_reaches_kvm_run_without_the_heavy_modules(firmware: Callable[..., Path], tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"  # a virtio-blk disk too: its devices are on the path of a root-disk boot
+    disk.write_bytes(bytes(1 << 20))
     proc = subprocess.run([sys.executable, "-c", PROBE, ",".join(HEAVY), "run", "--kernel",
                            str(firmware("guestexit", "elf")), "--memory", "64M", "--timeout", "30",
-                           "--console", "stdio", "--cmdline", "0 console=ttyS0"],
+                           "--console", "stdio", "--cmdline", "0 console=ttyS0", "--disk", f"path={disk}"],
                           capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("loaded at KVM_RUN:")]

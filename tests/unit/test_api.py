@@ -127,8 +127,8 @@ def test_vm_validates_its_options_before_starting(kernel: Path, tmp_path: Path) 
     """))
     (tmp_path / "root.img").write_bytes(bytes(4096))
     vm = VM.from_config(cfg, memory=1024, trace="virtio")
-    assert vm.settings.kernel == tmp_path / "vmlinux" and vm.settings.memory == 1 << 30
-    assert vm.settings.disks[0].path == tmp_path / "root.img" and vm.settings.disks[0].readonly
+    assert vm.settings.kernel == str(tmp_path / "vmlinux") and vm.settings.memory == 1 << 30
+    assert vm.settings.disks[0].path == str(tmp_path / "root.img") and vm.settings.disks[0].readonly
     assert vm.settings.trace == ("virtio",) and vm.settings.console == "stdio"
     assert not vm.running and "not started" in vm.explain()
 

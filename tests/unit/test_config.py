@@ -32,7 +32,7 @@ def test_memory_limits(text: str, msg: str) -> None:
 def test_disk_spec() -> None:
     d = DiskConfig.parse("path=a.img,readonly=on,serial=data0,cache=none,discard=off")
     assert d == DiskConfig(Path("a.img"), readonly=True, serial="data0", cache="none", discard=False)
-    assert DiskConfig.parse("b.img").path == Path("b.img")
+    assert DiskConfig.parse("b.img").path == "b.img"
     assert DiskConfig.parse("b.img").snapshot is False
     assert DiskConfig.parse("path=c.img,snapshot=on") == DiskConfig(Path("c.img"), snapshot=True)
 

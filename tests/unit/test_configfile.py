@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     cfg = _write(tmp_path, FULL)
     s = resolve(cfg, {"memory": "256M", "panic_exit": True, "trace": ["none"], "disks": ["path=/x.img,ro=on"],
                       "kernel": Path("bz")})
-    assert s.memory == 256 << 20 and s.panic_exit and s.trace == () and s.kernel == Path("bz")
+    assert s.memory == 256 << 20 and s.panic_exit and s.trace == () and s.kernel == "bz"
     assert s.disks == (DiskConfig(Path("/x.img"), readonly=True),)  # --disk replaces the file's list
     assert s.cmdline == "console=ttyS0 root=/dev/vda rw"  # untouched keys keep the file's value
     assert s.vm_config().trace == frozenset()
@@ -271,10 +272,10 @@ def _main(argv: list[str]) -> tuple[int, str, list[str], list[RunSettings]]:
 
 def _absolute(s: RunSettings) -> RunSettings:
     """What `config --print` writes for relative paths: the same paths made absolute."""
-    def ab(p: Path | None) -> Path | None:
-        return None if p is None else p.absolute()
-    console = "file:" + str(Path(s.console[5:]).absolute()) if s.console.startswith("file:") else s.console
-    disks = tuple(replace(d, path=d.path.absolute()) for d in s.disks)
+    def ab(p: str | None) -> str | None:
+        return None if p is None else os.path.abspath(p)
+    console = "file:" + os.path.abspath(s.console[5:]) if s.console.startswith("file:") else s.console
+    disks = tuple(replace(d, path=os.path.abspath(d.path)) for d in s.disks)
     return replace(s, kernel=ab(s.kernel), initrd=ab(s.initrd), trace_file=ab(s.trace_file),
                                console=console, disks=disks)
 

@@ -8,7 +8,7 @@ instructions the assist cannot perform.  On a hardware KVM neither happens.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from pyvmm.statictypes import NamedTuple
 
@@ -38,14 +38,14 @@ class HostKvm(NamedTuple):
         return SOFTWARE_KVM_CMDLINE if self.software else ()
 
 
-def detect(sys_module: Path = Path("/sys/module")) -> HostKvm:
+def detect(sys_module: str = "/sys/module") -> HostKvm:
     for name in SOFTWARE_KVM_MODULES:
-        if (sys_module / name).exists():
+        if os.path.exists(os.path.join(sys_module, name)):
             return HostKvm(True, f"host KVM is the software-emulating {name} module")
     return HostKvm(False, "host KVM uses hardware virtualization")
 
 
-def resolve(mode: str, sys_module: Path = Path("/sys/module")) -> HostKvm:
+def resolve(mode: str, sys_module: str = "/sys/module") -> HostKvm:
     """``mode`` is the ``--workarounds`` option: auto (detect), on, off."""
     if mode == "on":
         return HostKvm(True, "workarounds forced on (--workarounds on)")

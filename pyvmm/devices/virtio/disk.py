@@ -21,7 +21,6 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 
 from pyvmm.config import DiskConfig
@@ -96,7 +95,7 @@ class RawDisk:
     """A raw image file opened for a virtio-blk device."""
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, direct: bool = False) -> None:
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self._readonly = readonly
         self.fd = -1
         self._buffered_fd = -1  # for requests O_DIRECT refuses; the same as fd when not direct

@@ -28,7 +28,6 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 
 from pyvmm.config import DiskConfig
@@ -71,7 +70,7 @@ class SnapshotDisk:
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = False,
                  overlay_dir: str | os.PathLike[str] | None = None) -> None:
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self.overlay_fd = -1
         self._base = RawDisk(self.path, readonly=True, direct=direct)
         self._size = self._base.size  # whole sectors, as a RawDisk exposes
@@ -236,7 +235,7 @@ class SnapshotDisk:
         return pwritev_all(self.overlay_fd, offset, list(buffers))
 
 
-def _create_overlay(image: Path, directory: str | os.PathLike[str], size: int) -> int:
+def _create_overlay(image: str, directory: str | os.PathLike[str], size: int) -> int:
     """An unlinked, sparse file of ``size`` bytes in ``directory``; returns its descriptor."""
     import tempfile  # here, not at the top: only snapshot disks need it, and start-up time counts
 
