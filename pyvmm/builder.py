@@ -12,7 +12,6 @@ reverse order.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Callable
 
@@ -102,7 +101,8 @@ def machine_for(config: VmConfig, report: BuildReport) -> Machine:
     if arch not in MACHINES:
         raise ConfigError(f"pyvmm builds {' and '.join(MACHINES)} machines; this host is {arch}")
     module, _, name = MACHINES[arch].partition(":")
-    machine: Machine = getattr(importlib.import_module(module), name)(config, report)
+    # __import__ with a fromlist returns the module itself (importlib's import_module, without importlib)
+    machine: Machine = getattr(__import__(module, fromlist=[name]), name)(config, report)
     return machine
 
 

@@ -147,12 +147,22 @@ def _terminal_columns() -> int:
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; given the ``command`` the arguments name, only that subcommand gets its ~25 options
-    (argparse does real work for each, and a start-up needs one subcommand's)."""
+    """The parser; given the ``command`` the arguments name, only that subcommand is made, with its ~25
+    options (argparse does real work for each parser and option, and a start-up needs one subcommand's).
+    Without a command every subcommand is made with its options; with an unknown one (a typo) every
+    subcommand is made, for the list of choices in the error."""
     p = argparse.ArgumentParser(prog="pyvmm", description="A small VMM in Python on Linux KVM.",
                                 formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if command != "config":
+        _add_run_parser(sub, command in (None, "run"))
+    if command != "run":
+        _add_config_parser(sub, command in (None, "config"))
+    return p
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_options: bool) -> None:
     r = sub.add_parser(
         "run",
         help="boot a Linux kernel",
@@ -161,8 +171,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    if command in (None, "run"):
+    if with_options:
         _add_run_options(r)
+
+
+def _add_config_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_options: bool) -> None:
     c = sub.add_parser(
         "config",
         help="show the effective configuration of a run",
@@ -171,10 +184,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    if command in (None, "config"):
+    if with_options:
         c.add_argument("--print", action="store_true", help="print the effective configuration as TOML (default)")
         _add_run_options(c)
-    return p
 
 
 def _settings(args: argparse.Namespace) -> RunSettings:

@@ -26,7 +26,9 @@ EXEC_KEY = "pyvmm.exec"
 EXEC64_KEY = "pyvmm.exec64"
 BEGIN_MARK = "PYVMM-EXEC: begin"
 END_MARK = "PYVMM-EXEC: end"
-_PLAIN = re.compile(r'[\x20-\x7e]+')  # printable ASCII; '"' is refused below
+# printable ASCII ('"' is refused below); a pattern, compiled (and cached by re) at the first --exec, not
+# by every run's import
+_PLAIN = r'[\x20-\x7e]+'
 
 
 def check_exec(cmd: str | None) -> None:
@@ -41,7 +43,7 @@ def check_exec(cmd: str | None) -> None:
 def exec_arg(cmd: str) -> tuple[str, str]:
     """The kernel parameter ``(key, value)`` that asks the guest's /init to run ``cmd``."""
     check_exec(cmd)
-    if _PLAIN.fullmatch(cmd) and '"' not in cmd:
+    if re.fullmatch(_PLAIN, cmd) and '"' not in cmd:
         return EXEC_KEY, cmd
     import base64  # only for a command the plain form cannot carry
 

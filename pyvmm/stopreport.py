@@ -82,14 +82,15 @@ def report_lines(reports: list[VcpuReport], last_console_line: str | None) -> li
     return [r.line() for r in reports] + [f"last console line: {last}"]
 
 
-_LINE = re.compile(r"pyvmm: vCPU (\d+) (stuck|slow) at (?:(0x[0-9a-f]+)(?: <(\S+)>)?|an unknown address) in the "
-                   r"(guest|VMM); (\d+) exits in the last ([0-9.]+) s(?:; KVM entered the guest (\d+) times)?")
+# compiled (and cached by re) at the first parse, not by every run's import
+_LINE = (r"pyvmm: vCPU (\d+) (stuck|slow) at (?:(0x[0-9a-f]+)(?: <(\S+)>)?|an unknown address) in the "
+         r"(guest|VMM); (\d+) exits in the last ([0-9.]+) s(?:; KVM entered the guest (\d+) times)?")
 
 
 def parse_report(log: str) -> list[VcpuReport]:
     """The vCPU report in pyvmm's stderr ``log`` (``rip_before`` is not printed: None)."""
     out = []
-    for m in map(_LINE.search, log.splitlines()):
+    for m in map(re.compile(_LINE).search, log.splitlines()):
         if m is not None:
             index, verdict_, rip, symbol, place, exits, window, entries = m.groups()
             out.append(VcpuReport(int(index), None if rip is None else int(rip, 16), symbol, place == "guest",
