@@ -235,8 +235,12 @@ def test_garbage_rings_never_escape(disk: RawDisk, g: Garbage, version: int) -> 
         used_idx = len(pushed)
         assert used_idx <= QSIZE * g.notifies
         # every used head was published (at least as many times as it is used): §2.7.8 "the
-        # device MUST NOT" return a descriptor the driver did not make available
+        # device MUST NOT" return a descriptor the driver did not make available.  A writable buffer
+        # the driver placed over its own available ring lets the device's data rewrite ring entries
+        # before it reads them: what the ring held at the end was published too.
         published = Counter(g.ring[i % QSIZE] for i in range(min(g.avail_idx, QSIZE)))
+        final_ring = [mem.read_u16(q.avail_addr + 4 + 2 * i) for i in range(QSIZE)]
+        published |= Counter(final_ring[i % QSIZE] for i in range(min(g.avail_idx, QSIZE)))
         used = Counter(pushed)
         assert not used - published
         event("needs reset" if rig.t.read(m.REG_STATUS, 4) & m.STATUS_DEVICE_NEEDS_RESET else "no reset")
