@@ -45,6 +45,7 @@ _DATA_OFFSET = abi.kvm_coalesced_mmio.data.offset
 _HEAD = struct.Struct(f"<QII{_ENTRY_SIZE - _DATA_OFFSET}x")
 assert (abi.kvm_coalesced_mmio.phys_addr.offset, abi.kvm_coalesced_mmio.len.offset,
         abi.kvm_coalesced_mmio.pio.offset, _DATA_OFFSET) == (0, 8, 12, 16)
+assert _ENTRY_SIZE == 24, "kvm_coalesced_mmio is three u64 words (_uniform reads it so)"
 _MASK = [(1 << (8 * n)) - 1 for n in range(_DATA_SIZE + 1)]
 
 
@@ -78,10 +79,14 @@ class CoalescedRing:
         view = memoryview(buf)
         runs: list[tuple[int, int, bool, list[int]]] = []
         for lo, hi in ((first, last),) if first < last else ((first, cap), (0, last)):
+            if lo == hi:  # wrapped exactly at the end of the ring
+                continue
             seg = view[self._entries + lo * _ENTRY_SIZE:self._entries + hi * _ENTRY_SIZE]
+            # The common case, one register written throughout, is found without a Python step per entry.
+            heads = [(_HEAD.unpack_from(seg), hi - lo)] if _uniform(seg, hi - lo) else [
+                (head, len(list(group))) for head, group in itertools.groupby(_HEAD.iter_unpack(seg))]
             at = 0
-            for (addr, length, pio), group in itertools.groupby(_HEAD.iter_unpack(seg)):
-                n = len(list(group))
+            for (addr, length, pio), n in heads:
                 length = min(length, _DATA_SIZE)
                 if length == 1:
                     values = list(seg[at * _ENTRY_SIZE + _DATA_OFFSET:(at + n) * _ENTRY_SIZE:_ENTRY_SIZE])
@@ -96,3 +101,12 @@ class CoalescedRing:
         _FIRST.pack_into(buf, self._first, last)
         self.drained += (last - first) % cap
         return runs
+
+
+def _uniform(seg: memoryview, n: int) -> bool:
+    """Whether the ``n`` entries in ``seg`` all write to one address with one length and kind: the first
+    16 bytes of each (``phys_addr``, ``len``, ``pio``; two u64 words of the three an entry has) compared as
+    two strided byte strings."""
+    words = seg.cast("Q")  # _ENTRY_SIZE is three words (checked at import)
+    addrs, kinds = words[0::3], words[1::3]
+    return addrs.tobytes() == addrs[:1].tobytes() * n and kinds.tobytes() == kinds[:1].tobytes() * n

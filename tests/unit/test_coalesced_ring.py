@@ -135,3 +135,21 @@ def test_take_runs_groups_the_entries_in_ring_order(seed: int) -> None:
     assert [(a, n, p, v) for a, n, p, vs in runs for v in vs] == expected
     assert all(runs[i][:3] != runs[i + 1][:3] for i in range(len(runs) - 1))
     assert hdr.first == hdr.last and ring.drained == len(expected)
+
+
+@pytest.mark.parametrize(("field", "value"), [("phys_addr", 0x3F9), ("phys_addr", 0x1_0000_03F8), ("len", 2),
+                                              ("pio", 0)])
+@pytest.mark.parametrize("where", [0, 7, 19])
+def test_one_entry_that_differs_in_one_field_splits_the_run(field: str, value: int, where: int) -> None:
+    """Twenty writes of one byte to port 0x3f8, one of them (first, middle or last) to another address,
+    of another length or kind: three runs (two at the ends), never one."""
+    buf, hdr = _ring()
+    for _ in range(20):
+        _kernel_push(buf, hdr, 0x3F8, b"x")
+    entry = abi.kvm_coalesced_mmio.from_buffer(buf, 8 + where * ctypes.sizeof(abi.kvm_coalesced_mmio))
+    setattr(entry, field, value)
+    runs = CoalescedRing(buf, 0, PAGE).take_runs()
+    assert [len(vs) for _, _, _, vs in runs] == [n for n in (where, 1, 19 - where) if n]
+    odd = runs[0 if where == 0 else 1]
+    assert odd[:3] == ((value, 1, True) if field == "phys_addr" else (0x3F8, 2, True) if field == "len"
+                       else (0x3F8, 1, value != 0))
