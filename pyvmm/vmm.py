@@ -499,7 +499,11 @@ class Vmm:
         reason = -1
         try:
             while not self._stop:
-                reason = reasons[reason_index] if enter(fd, kvm_run, None) >= 0 else run_failed()
+                try:
+                    enter(fd, kvm_run)
+                    reason = reasons[reason_index]
+                except OSError as err:
+                    reason = run_failed(err.errno or 0)
                 progress.exits += 1
                 if reason == exit_io:
                     out, size, port, count, off = io_unpack(view, io_off)
