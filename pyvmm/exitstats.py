@@ -4,7 +4,7 @@ The counting vCPU loop (:meth:`pyvmm.vmm.Vmm._counting_loop`, chosen once at sta
 counts nothing of this) fills one :class:`ExitCounter` per vCPU thread, without locks.  Per exit it
 takes ``time.perf_counter()`` twice: when ``KVM_RUN`` returns and when the exit has been handled, so
 
-- *in KVM_RUN* is the time from entering ``KVM_RUN`` to its return (the ioctl call included), summed
+- *in KVM_RUN* is the time from entering ``KVM_RUN`` to its return (the ctypes call included), summed
   over vCPUs: guest time plus the kernel's own exit handling;
 - *VMM time* of an exit is from ``KVM_RUN``'s return to the next ``KVM_RUN`` (decode, dispatch, the
   device, the loop itself), summed per kind of exit.

@@ -7,8 +7,7 @@ Request encoding follows include/uapi/asm-generic/ioctl.h (x86_64 and aarch64 sh
 
 Why not ``fcntl.ioctl``: it copies the argument into a temporary buffer (at most 1024 bytes) and, from
 Python 3.14, retries ``EINTR`` — which would swallow the signal that kicks a vCPU out of ``KVM_RUN``.
-ctypes calls release the GIL, so a vCPU thread blocked in ``KVM_RUN`` does not stall the VMM.  The one
-exception is ``KVM_RUN`` itself before Python 3.14 (no argument, once per exit: ``vcpu.RUN_IOCTL``).
+ctypes calls release the GIL, so a vCPU thread blocked in ``KVM_RUN`` does not stall the VMM.
 """
 
 from __future__ import annotations

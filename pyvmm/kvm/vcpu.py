@@ -14,22 +14,18 @@ import errno
 import fcntl
 import mmap
 import os
-import sys
 from collections.abc import Callable
 
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.exits import EXIT_REASON_OFFSET
-from pyvmm.kvm.ioctl import call, ioctl
+from pyvmm.kvm.ioctl import call
 
+# KVM_RUN goes through fcntl.ioctl, not ctypes: it takes no argument, and the C-level call (which releases
+# the GIL as a ctypes call does) costs 0.22 us against ctypes' 0.40 us on this project's host, once per
+# exit.  A failure comes back as OSError (EINTR when kicked); fcntl does not retry the call.
 _KVM_RUN = abi.KVM_RUN
-# How KVM_RUN is issued: ``enter(fd, KVM_RUN)``, raising OSError (EINTR when kicked).  fcntl.ioctl where it
-# hands EINTR back: KVM_RUN takes no argument, and the C-level call (which releases the GIL as a ctypes
-# call does) costs 0.22 us against ctypes' 0.40 us on this project's host, once per exit.  From Python
-# 3.14 fcntl.ioctl retries EINTR itself, which would keep a kicked vCPU (immediate_exit set) re-entering
-# KVM_RUN forever: the ctypes call there.
-RUN_IOCTL = fcntl.ioctl if sys.version_info < (3, 14) else ioctl
 _U32_INDEX = EXIT_REASON_OFFSET // 4
 assert EXIT_REASON_OFFSET % 4 == 0
 
@@ -48,7 +44,7 @@ class VcpuFd:
     def run(self) -> int:
         """One ``KVM_RUN``; return the exit reason (``KVM_EXIT_INTR`` when interrupted by a signal)."""
         try:
-            RUN_IOCTL(self.fd, _KVM_RUN)
+            fcntl.ioctl(self.fd, _KVM_RUN)
         except OSError as err:
             return self._run_failed(err.errno or 0)
         return self._u32[_U32_INDEX]
@@ -57,7 +53,7 @@ class VcpuFd:
         """What :meth:`run` is made of, for a loop that inlines it (one Python call less per exit):
         ``enter, fd, request, run_failed, reasons, index``, used as ``try: enter(fd, request); reason =
         reasons[index]`` ``except OSError as err: reason = run_failed(err.errno or 0)``."""
-        return RUN_IOCTL, self.fd, _KVM_RUN, self._run_failed, self._u32, _U32_INDEX
+        return fcntl.ioctl, self.fd, _KVM_RUN, self._run_failed, self._u32, _U32_INDEX
 
     def _run_failed(self, err: int) -> int:
         if err in (errno.EINTR, errno.EAGAIN):

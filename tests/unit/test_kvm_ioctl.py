@@ -3,15 +3,9 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import sys
-from collections.abc import Callable
-
 import pytest
 
-from pyvmm.kvm import abi, ioctl, vcpu
+from pyvmm.kvm import abi, ioctl
 from pyvmm.kvm import abi_x86_64 as x86
 
 
@@ -40,22 +34,3 @@ def test_ioc_fields() -> None:
     assert r >> 30 == 3 and (r >> 16) & 0x3FFF == 8 and (r >> 8) & 0xFF == 0xAE and r & 0xFF == 0x05
     with pytest.raises(ValueError):
         ioctl.iow(0xAE, 0, 1 << 14)
-
-
-@pytest.mark.parametrize("enter", [fcntl.ioctl, ioctl.ioctl], ids=["fcntl", "ctypes"])
-def test_both_ways_of_entering_kvm_run_raise_oserror_with_the_errno(enter: Callable[[int, int], object]) -> None:
-    """The vCPU loops read a failed KVM_RUN from OSError.errno, whichever call issues it (vcpu.RUN_IOCTL);
-    here a KVM request on a pipe fails with ENOTTY."""
-    r, w = os.pipe()
-    try:
-        with pytest.raises(OSError) as info:
-            enter(r, abi.KVM_RUN)
-        assert info.value.errno == errno.ENOTTY
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-def test_kvm_run_avoids_fcntl_where_it_retries_eintr() -> None:
-    """From Python 3.14 fcntl.ioctl retries EINTR, which would keep a kicked vCPU in KVM_RUN."""
-    assert vcpu.RUN_IOCTL is (fcntl.ioctl if sys.version_info < (3, 14) else ioctl.ioctl)
