@@ -499,11 +499,7 @@ class Vmm:
         reason = -1
         try:
             while not self._stop:
-                try:
-                    enter(fd, kvm_run)
-                    reason = reasons[reason_index]
-                except OSError as err:
-                    reason = run_failed(err.errno or 0)
+                reason = reasons[reason_index] if enter(fd, kvm_run, None) >= 0 else run_failed()
                 progress.exits += 1
                 if reason == exit_io:
                     out, size, port, count, off = io_unpack(view, io_off)
