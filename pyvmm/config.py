@@ -144,6 +144,15 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ConfigError(f"bad value {value!r} for {key}: expected on or off")
 
 
+def file_names(rec: object, *names: str) -> None:
+    """In a record's ``__post_init__``: its optional fields ``names`` hold file names as strings, whatever
+    path-like value Python code gave (None stays None); pathlib is not imported on the run path."""
+    for name in names:
+        value = getattr(rec, name)
+        if value is not None:
+            object.__setattr__(rec, name, os.fspath(value))
+
+
 @record
 class DiskConfig:
     """One ``--disk``: a raw image file exposed as a virtio-blk device."""
@@ -284,10 +293,7 @@ class VmConfig:
     debug: DebugKnobs = field(default_factory=DebugKnobs.from_environ)
 
     def __post_init__(self) -> None:
-        for name in ("kernel", "initrd", "trace_file"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
+        file_names(self, "kernel", "initrd", "trace_file")
         check_memory(self.memory)
         check_cpus(self.cpus)
         check_console(self.console)

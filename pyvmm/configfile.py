@@ -36,6 +36,7 @@ from pyvmm.config import (
     check_memory,
     check_timeout,
     check_virtio_mmio_version,
+    file_names,
     parse_memory,
 )
 from pyvmm.errors import ConfigError
@@ -100,10 +101,7 @@ class RunSettings:
     virtio_mmio_version: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("kernel", "initrd", "trace_file"):  # file names; a path-like object becomes one
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
+        file_names(self, "kernel", "initrd", "trace_file")
         for key, check in CHECKS.items():
             check(getattr(self, FILE_KEYS[key]))
         if self.gdb_wait and self.gdb is None:
